@@ -128,6 +128,9 @@ class TrainConfig(DataConfig, SAEConfig):
                                         "sparsity/below_dead_threshold.", group="training")
     n_checkpoints: int = opt(0, "Evenly spaced intermediate checkpoints (plus the final save).", group="training")
     seed: int = opt(42, "Seed for initialisation and buffer shuffling.", group="training")
+    resume_checkpoint_minutes: float = opt(5.0, "Also write a rolling resume checkpoint at most every N minutes of "
+                                           "wall time (0 disables), so a killed run loses little work.",
+                                           group="training")
 
     log_every: int = opt(10, "Log training metrics every N steps.", group="logging",
                          aliases=("wandb_log_frequency",))
