@@ -1,0 +1,324 @@
+"""Glue between the packages: what `dsae train`, `dsae finetune` and the study call.
+
+    train(cfg)            load model -> resolve hook -> token streams -> activation store -> SAE init -> Trainer
+    resume(run_dir)       rebuild the same objects from the run's saved config and continue from its checkpoint
+
+Run directory layout (``output_dir/run_name``)::
+
+    training_config.json   the full TrainConfig (written first; identifies the run)
+    status.json            {"state": "running" | "complete" | "interrupted" | "failed", ...}
+    checkpoints/           full training state (atomic), for --resume
+    sae/                   the final SAE (SAELens-compatible, activation scale folded in)
+    metrics.jsonl          training logs with the SPEC key names
+    training_curves.png, summary.md, summary.json
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import math
+import re
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Optional
+
+import torch
+
+from .config import ConfigError, TrainConfig, from_dict, to_dict
+from .errors import RunDirError
+
+CONFIG_FILE = "training_config.json"
+STATUS_FILE = "status.json"
+# Options that do not change what is trained; a run directory may be reused when only these differ.
+_NON_IDENTITY_OPTIONS = {"overwrite", "wandb", "wandb_project", "wandb_mode", "output_dir", "run_name",
+                         "resume_checkpoint_minutes", "device"}
+
+
+@dataclass
+class TrainResult:
+    run_dir: Path
+    sae_dir: Path
+    sae: Any
+    summary: dict
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Run directories
+
+def default_run_name(cfg: TrainConfig, d_in: Optional[int] = None) -> str:
+    """model-hook-data-dsae, made filesystem-safe, e.g. ``smollm2-135m-instruct_blocks.0.hook_mlp_out_chat_2304``."""
+    d_sae = cfg.d_sae or (cfg.expansion_factor * d_in if d_in else f"x{cfg.expansion_factor}")
+    data = Path(cfg.data).stem if ("/" in cfg.data or "." in cfg.data) else cfg.data
+    prefix = "ft_" if cfg.from_sae else ""
+    name = f"{prefix}{Path(cfg.model).stem}_{cfg.hook}_{data}_{d_sae}"
+    return re.sub(r"[^A-Za-z0-9_.\-]+", "-", name)
+
+
+def _identity(cfg_dict: dict) -> dict:
+    return {k: v for k, v in cfg_dict.items() if k not in _NON_IDENTITY_OPTIONS}
+
+
+def read_status(run_dir: Path) -> dict:
+    p = Path(run_dir) / STATUS_FILE
+    return json.loads(p.read_text()) if p.is_file() else {}
+
+
+def write_status(run_dir: Path, state: str, **extra) -> None:
+    p = Path(run_dir) / STATUS_FILE
+    tmp = p.with_suffix(".tmp")
+    tmp.write_text(json.dumps({"state": state, **extra}, indent=2))
+    tmp.replace(p)
+
+
+def prepare_run_dir(run_dir: Path, cfg: TrainConfig) -> None:
+    """Create ``run_dir`` for a new run, refusing to clobber a different run unless ``cfg.overwrite``."""
+    run_dir = Path(run_dir)
+    if run_dir.exists() and any(run_dir.iterdir()):
+        old_cfg_path = run_dir / CONFIG_FILE
+        if cfg.overwrite:
+            shutil.rmtree(run_dir)
+        elif not old_cfg_path.is_file():
+            raise RunDirError(f"Output directory {run_dir} is not empty and holds no domain-sae run. Choose another "
+                              f"--run-name / --output-dir, or pass --overwrite to replace its contents.")
+        else:
+            old = json.loads(old_cfg_path.read_text())
+            state = read_status(run_dir).get("state", "unknown")
+            if _identity(old) != _identity(to_dict(cfg)):
+                diff = sorted(k for k in set(old) | set(to_dict(cfg))
+                              if k not in _NON_IDENTITY_OPTIONS and old.get(k) != to_dict(cfg).get(k))
+                raise RunDirError(f"Output directory {run_dir} already holds a different run (options that differ: "
+                                  f"{', '.join(diff[:8])}). Pass --overwrite to replace it, or choose another "
+                                  f"--run-name.")
+            if state == "complete":
+                raise RunDirError(f"Run {run_dir} is already complete (SAE in {run_dir / 'sae'}). Pass --overwrite to "
+                                  f"train it again.")
+            raise RunDirError(f"Run {run_dir} exists and is {state}; continue it with `dsae train --resume {run_dir}` "
+                              f"or pass --overwrite to start again.")
+    run_dir.mkdir(parents=True, exist_ok=True)
+    (run_dir / CONFIG_FILE).write_text(json.dumps(to_dict(cfg), indent=2))
+    write_status(run_dir, "running")
+
+
+def load_run_config(run_dir: Path) -> TrainConfig:
+    p = Path(run_dir) / CONFIG_FILE
+    if not p.is_file():
+        raise RunDirError(f"{run_dir} is not a domain-sae run directory (no {CONFIG_FILE}); nothing to resume.")
+    return from_dict(TrainConfig, json.loads(p.read_text()), source=str(p)).validate()
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Building blocks
+
+def load_lm(cfg) -> Any:
+    from .models.load import load_model, resolve_device
+    dtype = getattr(torch, cfg.model_dtype)
+    return load_model(cfg.model, device=resolve_device(cfg.device), dtype=dtype)
+
+
+def live_activation_store(cfg: TrainConfig, lm, hook, d_in: int):
+    """The activation store fed by the live model on the training split of ``cfg.data``."""
+    from .activations.store import ActivationStore
+    from .data.pipeline import TokenStream
+    from .models.hooks import capture
+
+    device = next(lm.model.parameters()).device
+    stream = TokenStream(cfg, lm.tokenizer, split="train", repeat=True)
+
+    def activation_fn(input_ids: torch.Tensor) -> torch.Tensor:
+        return capture(lm.model, hook, input_ids.to(device)).float()
+
+    return ActivationStore(activation_fn, stream, d_in=d_in, batch_size=cfg.train_batch_size_tokens,
+                           buffer_tokens=cfg.buffer_size_tokens, model_batch_size=cfg.model_batch_size,
+                           exclude_special=cfg.exclude_special_tokens, seed=cfg.seed, device="cpu")
+
+
+def heldout_evaluator(cfg: TrainConfig, lm, hook):
+    """Evaluator on the held-out split (same code as `dsae eval`), or None when evaluation is off."""
+    if cfg.eval_every <= 0:
+        return None
+    from .data.pipeline import heldout_batch
+    from .evaluation.runner import make_evaluator
+    ids, segs = heldout_batch(cfg, lm.tokenizer, cfg.eval_tokens)
+    return make_evaluator(lm, hook, ids, segs)
+
+
+def activation_scale(sample: torch.Tensor) -> float:
+    """s = sqrt(d_in) / E||x||_2 (SPEC 1, expected_average_only_in)."""
+    norms = sample.double().norm(dim=-1)
+    if norms.numel() == 0 or float(norms.mean()) == 0.0:
+        raise ConfigError("Cannot estimate the activation scale: the first buffer is empty or all-zero.")
+    return float(math.sqrt(sample.shape[-1]) / norms.mean())
+
+
+def new_sae(cfg: TrainConfig, d_in: int, metadata: dict):
+    from .sae.standard import SAEModelConfig, StandardSAE
+    d_sae = cfg.d_sae or cfg.expansion_factor * d_in
+    mcfg = SAEModelConfig(architecture=cfg.architecture, d_in=d_in, d_sae=d_sae, dtype=cfg.dtype,
+                          apply_b_dec_to_input=cfg.apply_b_dec_to_input,
+                          normalize_activations=cfg.normalize_activations,
+                          mse_loss_normalization=cfg.mse_loss_normalization, lp_norm=cfg.lp_norm,
+                          scale_sparsity_penalty_by_decoder_norm=cfg.scale_sparsity_penalty_by_decoder_norm,
+                          normalize_sae_decoder=cfg.normalize_sae_decoder, metadata=metadata)
+    return StandardSAE(mcfg)
+
+
+def sae_metadata(cfg: TrainConfig, lm_name: str) -> dict:
+    return {"model_name": lm_name, "hook_name": cfg.hook, "context_size": cfg.context_size,
+            "prepend_bos": cfg.prepend_bos, "dataset_path": cfg.data, "training_tokens": cfg.training_tokens,
+            "exclude_special_tokens": cfg.exclude_special_tokens, "seed": cfg.seed}
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Entry points
+
+def train(cfg: TrainConfig, *, lm=None, source=None, heldout=None, init_sae=None,
+          run_dir: Optional[Path] = None, evaluator=None) -> TrainResult:
+    """Train (or fine-tune, with ``init_sae``) an SAE as described by ``cfg``.
+
+    ``source`` replaces the live activation store (e.g. a CachedActivationSource): the model is then only needed
+    for evaluation. ``heldout`` = (input_ids, segments) overrides the held-out batch used by the evaluator.
+    """
+    cfg.validate()
+    from .models.hooks import hook_d_in, resolve_hook
+
+    lm = lm or load_lm(cfg)
+    hook = resolve_hook(lm.model, cfg.hook)
+    d_in = hook_d_in(lm.model, hook)
+    if source is None:
+        from .data.pipeline import check_context_size
+        check_context_size(cfg, lm.model)
+    run_dir = Path(run_dir) if run_dir else Path(cfg.output_dir) / (cfg.run_name or default_run_name(cfg, d_in))
+    if init_sae is not None:
+        from .sae.standard import check_compatible
+        check_compatible(init_sae, d_in=d_in, hook_name=cfg.hook)
+
+    # Everything that can fail on bad input (data source, columns, empty split, scale estimate) runs before the
+    # run directory exists, so a bad invocation leaves nothing behind.
+    parts = _prepare(cfg, lm, hook, d_in, source, heldout, init_sae, evaluator, resuming=False)
+    prepare_run_dir(run_dir, cfg)
+    try:
+        trainer = _make_trainer(run_dir, cfg, *parts)
+        summary = trainer.train()
+    except KeyboardInterrupt:
+        write_status(run_dir, "interrupted")
+        raise
+    except BaseException as e:
+        _fail(run_dir, e)
+        raise
+    write_status(run_dir, "complete")
+    return TrainResult(run_dir=run_dir, sae_dir=run_dir / "sae", sae=trainer.final_sae(), summary=summary)
+
+
+def _fail(run_dir: Path, e: BaseException) -> None:
+    """A run that failed before its first checkpoint is removed (nothing to resume); otherwise it is marked failed."""
+    from .training.checkpoint import latest_checkpoint
+    if latest_checkpoint(run_dir) is None:
+        shutil.rmtree(run_dir, ignore_errors=True)
+    else:
+        write_status(run_dir, "failed", error=f"{type(e).__name__}: {e}")
+
+
+def _prepare(cfg, lm, hook, d_in, source, heldout, init_sae, evaluator, *, resuming: bool):
+    """Source, evaluator, SAE (initialised unless resuming) and activation scale s."""
+    from .sae.init import initialize
+
+    source = source if source is not None else live_activation_store(cfg, lm, hook, d_in)
+    if evaluator is None:
+        if heldout is not None and cfg.eval_every > 0:
+            from .evaluation.runner import make_evaluator
+            evaluator = make_evaluator(lm, hook, *heldout)
+        else:
+            evaluator = heldout_evaluator(cfg, lm, hook)
+
+    meta = sae_metadata(cfg, lm.name)
+    if init_sae is not None:
+        sae = copy.deepcopy(init_sae)
+        parent = dict(getattr(sae.cfg, "metadata", {}) or {})
+        before = _total_tokens(parent)
+        meta["lineage"] = {"parent": parent.get("source_path") or parent.get("dataset_path"),
+                           "parent_dataset": parent.get("dataset_path"),
+                           "parent_model": parent.get("model_name"),
+                           "tokens_before": before, "tokens_after": before + cfg.training_tokens}
+        sae.cfg.metadata = {**parent, **meta}
+    else:
+        sae = new_sae(cfg, d_in, meta)
+
+    scale = 1.0
+    if not resuming:
+        sample = None
+        if cfg.normalize_activations == "expected_average_only_in" or (
+                init_sae is None and cfg.b_dec_init_method != "zeros"):
+            sample = source.first_buffer()
+        if cfg.normalize_activations == "expected_average_only_in":
+            scale = activation_scale(sample)
+            if init_sae is not None:
+                # The parent takes raw x; unfold it so that it takes x' = s x (the same function), then train on x'.
+                sae.fold_activation_scale(1.0 / scale)
+            sae.cfg.normalize_activations = "expected_average_only_in"
+        if init_sae is None:
+            gen = torch.Generator().manual_seed(cfg.seed)
+            initialize(sae, cfg, None if sample is None else sample * scale, gen)
+    return sae, source, evaluator, scale
+
+
+def _make_trainer(run_dir, cfg, sae, source, evaluator, scale):
+    from .training.loggers import default_loggers
+    from .training.trainer import Trainer
+    return Trainer(sae, cfg, source, run_dir, default_loggers(run_dir, cfg), evaluator=evaluator,
+                   activation_scale=scale)
+
+
+def _total_tokens(meta: dict) -> int:
+    lineage = meta.get("lineage") or {}
+    if lineage.get("tokens_after") is not None:
+        return int(lineage["tokens_after"])
+    return int(meta.get("training_tokens") or 0)
+
+
+def resume(run_dir: Path, *, lm=None, source=None, evaluator=None) -> TrainResult:
+    """Continue a killed or interrupted run from its latest checkpoint (exact: same batches, same RNG)."""
+    from .models.hooks import hook_d_in, resolve_hook
+    from .training.checkpoint import latest_checkpoint
+
+    run_dir = Path(run_dir)
+    cfg = load_run_config(run_dir)
+    if read_status(run_dir).get("state") == "complete":
+        raise RunDirError(f"Run {run_dir} is already complete; nothing to resume (its SAE is in {run_dir / 'sae'}).")
+    ckpt = latest_checkpoint(run_dir)
+    if ckpt is None:
+        raise RunDirError(f"Run {run_dir} has no checkpoint to resume from (it was stopped before the first one). "
+                          f"Start it again with --overwrite.")
+    lm = lm or load_lm(cfg)
+    hook = resolve_hook(lm.model, cfg.hook)
+    d_in = hook_d_in(lm.model, hook)
+    init_sae = None
+    if cfg.from_sae:
+        from .sae.io import load_sae
+        init_sae = load_sae(cfg.from_sae)
+    parts = _prepare(cfg, lm, hook, d_in, source, None, init_sae, evaluator, resuming=True)
+    write_status(run_dir, "running")
+    try:
+        trainer = _make_trainer(run_dir, cfg, *parts)
+        trainer.load_checkpoint(ckpt)
+        summary = trainer.train()
+    except KeyboardInterrupt:
+        write_status(run_dir, "interrupted")
+        raise
+    except BaseException as e:
+        write_status(run_dir, "failed", error=f"{type(e).__name__}: {e}")
+        raise
+    write_status(run_dir, "complete")
+    return TrainResult(run_dir=run_dir, sae_dir=run_dir / "sae", sae=trainer.final_sae(), summary=summary)
+
+
+def finetune(cfg: TrainConfig, **kwargs) -> TrainResult:
+    """Continue training the SAE named by ``cfg.from_sae`` on ``cfg.data`` with its own budget and schedule."""
+    if not cfg.from_sae:
+        raise ConfigError("dsae finetune needs --from SOURCE (an SAE directory, a SAELens directory, or a SAELens "
+                          "release/sae_id).")
+    from .sae.io import load_sae
+    parent = load_sae(cfg.from_sae)
+    parent.cfg.metadata = {**(parent.cfg.metadata or {}), "source_path": cfg.from_sae}
+    return train(cfg, init_sae=parent, **kwargs)
