@@ -1,0 +1,12 @@
+"""Activations for SAE training: a shuffled buffer fed by the live model (:class:`ActivationStore`) or by an
+on-disk cache (:class:`CachedActivationSource`), with the same iterator and exact-resume state interface."""
+
+from .cache import CachedActivationSource, CacheError, build_activation_cache, read_manifest
+from .store import (ActivationSourceError, ActivationStore, ShuffleBufferSource, SourceExhaustedError,
+                    StoreStateError, refill_seed, training_mask)
+
+__all__ = [
+    "ActivationStore", "CachedActivationSource", "build_activation_cache", "read_manifest", "ShuffleBufferSource",
+    "ActivationSourceError", "SourceExhaustedError", "StoreStateError", "CacheError", "refill_seed",
+    "training_mask",
+]

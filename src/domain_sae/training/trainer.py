@@ -1,0 +1,341 @@
+"""The training loop: Adam on the SAE loss over batches from an activation source.
+
+Per optimizer step t (0-based), with s the activation scale (SPEC 1):
+
+    x' = s * x;  L = sae.loss(x', lambda_t);  L.backward()
+    if normalize_sae_decoder: remove the gradient component parallel to each decoder row
+    clip the global gradient norm to grad_clip_norm;  lr <- lr_at(t);  Adam step
+    if normalize_sae_decoder: renormalise decoder rows to unit norm
+    sparsity tracker update
+
+Every ``log_every`` steps (and at the last step) the SPEC 3 keys are logged; every ``eval_every`` logs the
+evaluator runs on a folded copy of the SAE. Checkpoints: ``n_checkpoints`` evenly spaced ones (a usable folded
+SAE + the full training state), a rolling resume checkpoint every ``resume_checkpoint_minutes``, and one on
+Ctrl-C. The model is never run here: batches come from the source.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import json
+import signal
+import sys
+import threading
+import time
+import warnings
+from pathlib import Path
+from typing import Any, Callable, Iterable, Optional
+
+import torch
+
+from ..activations.store import SourceExhaustedError
+from . import checkpoint as ckpt
+from .loggers import METRICS_FILE, JSONLLogger, Logger, MultiLogger
+from .plots import last_values, plot_training_curves, summary_table
+from .schedules import l1_at, lr_at
+from .sparsity import SparsityTracker
+
+__all__ = ["Trainer", "TrainingInterrupted", "batch_metrics", "checkpoint_steps", "remove_parallel_grad",
+           "normalize_decoder_rows"]
+
+# Options whose change makes a resumed loss trace differ from the checkpointed run's.
+_TRACE_OPTIONS = ("training_tokens", "train_batch_size_tokens", "buffer_size_tokens", "lr", "lr_scheduler_name",
+                  "lr_warm_up_steps", "lr_decay_steps", "lr_end", "l1_coefficient", "l1_warm_up_steps",
+                  "adam_beta1", "adam_beta2", "grad_clip_norm", "seed", "normalize_sae_decoder", "data", "model",
+                  "hook", "context_size")
+
+
+class TrainingInterrupted(KeyboardInterrupt):
+    """Ctrl-C during training: the current step was finished and a checkpoint written (``.checkpoint``)."""
+
+    def __init__(self, message: str, checkpoint: Optional[Path] = None):
+        super().__init__(message)
+        self.checkpoint = checkpoint
+
+
+def checkpoint_steps(total_steps: int, n_checkpoints: int) -> list[int]:
+    """Steps after which the ``n_checkpoints`` evenly spaced intermediate checkpoints are written:
+    floor(T * k / (n + 1)) for k = 1..n (the final save at T is separate)."""
+    return sorted({total_steps * k // (n_checkpoints + 1) for k in range(1, n_checkpoints + 1)} - {0, total_steps})
+
+
+@torch.no_grad()
+def remove_parallel_grad(W_dec: torch.Tensor) -> None:
+    """grad_i <- grad_i - <grad_i, u_i> u_i with u_i = W_dec,i / ||W_dec,i|| (rows are decoder directions).
+    Used for SAEs that lack ``remove_gradient_parallel_to_decoder_directions``."""
+    if W_dec.grad is None:
+        return
+    u = W_dec / W_dec.norm(dim=1, keepdim=True).clamp_min(1e-12)
+    W_dec.grad -= (W_dec.grad * u).sum(dim=1, keepdim=True) * u
+
+
+@torch.no_grad()
+def normalize_decoder_rows(W_dec: torch.Tensor) -> None:
+    """W_dec,i <- W_dec,i / ||W_dec,i|| (for SAEs that lack ``set_decoder_norm_to_unit_norm``)."""
+    W_dec /= W_dec.norm(dim=1, keepdim=True).clamp_min(1e-12)
+
+
+@torch.no_grad()
+def batch_metrics(x: torch.Tensor, x_hat: torch.Tensor, f: torch.Tensor) -> dict[str, float]:
+    """Explained variance, its per-token std and L0 of one batch (SPEC 3), in float64, with the same definitions
+    as ``evaluation.metrics.ReconstructionAccumulator`` (training may not import evaluation, which sits below it):
+
+    EV = 1 - sum_t ||x_t - x_hat_t||^2 / sum_t ||x_t - mean(x)||^2;
+    EV_std = population std (ddof 0) over tokens with ||x_t - mean(x)|| > 0 of 1 - ||x_t - x_hat_t||^2 /
+    ||x_t - mean(x)||^2;  L0 = mean_t #{i : f_t,i > 0}."""
+    x64, xh64 = x.double(), x_hat.double()
+    err = (x64 - xh64).pow(2).sum(-1)
+    var = (x64 - x64.mean(0, keepdim=True)).pow(2).sum(-1)
+    ok = var > 0
+    per_token = 1.0 - err[ok] / var[ok]
+    total_var = var.sum()
+    return {"metrics/explained_variance": float(1.0 - err.sum() / total_var) if total_var > 0 else float("nan"),
+            "metrics/explained_variance_std": float(per_token.std(correction=0)) if per_token.numel() else 0.0,
+            "metrics/l0": float((f > 0).sum(-1).double().mean())}
+
+
+class Trainer:
+    """Train ``sae`` on batches from ``source`` (an ActivationStore or CachedActivationSource).
+
+    ``loggers``: a list of :class:`~.loggers.Logger` or a MultiLogger (default: ``run_dir/metrics.jsonl``);
+    ``evaluator(sae) -> dict`` receives a folded copy (takes raw activations); ``activation_scale`` is s.
+    """
+
+    def __init__(self, sae, cfg, source, run_dir: str | Path, loggers: Optional[Iterable[Logger]] = None,
+                 evaluator: Optional[Callable[[Any], dict]] = None, activation_scale: float = 1.0, *,
+                 verbose: bool = True):
+        self.sae = sae
+        self.cfg = cfg
+        self.source = source
+        self.run_dir = Path(run_dir)
+        if isinstance(loggers, MultiLogger):
+            self.loggers = loggers
+        else:
+            self.loggers = MultiLogger(loggers if loggers is not None else [JSONLLogger(self.run_dir / METRICS_FILE)])
+        self.evaluator = evaluator
+        self.activation_scale = float(activation_scale)
+        self.verbose = verbose
+        p = next(sae.parameters())
+        self.device, self.dtype = p.device, p.dtype
+        self.optimizer = torch.optim.Adam(sae.parameters(), lr=cfg.lr, betas=(cfg.adam_beta1, cfg.adam_beta2),
+                                          weight_decay=0.0)
+        self.tracker = SparsityTracker(int(sae.W_dec.shape[0]), cfg)
+        self.total_steps = int(cfg.total_steps)
+        self.step = 0
+        self.tokens = 0
+        self.n_logs = 0
+        self.train_seconds = 0.0
+        self.records: list[dict] = []
+        self.resumed_from: Optional[Path] = None
+        self._ckpt_steps = set(checkpoint_steps(self.total_steps, cfg.n_checkpoints))
+        self._interrupted = False
+        self._final_sae = None
+
+    # -- one step -----------------------------------------------------------------------------------------------
+    def _next_batch(self) -> torch.Tensor:
+        try:
+            return next(self.source)
+        except StopIteration:
+            raise SourceExhaustedError(
+                f"The activation source ran out of data after {self.tokens} training tokens (step {self.step} of "
+                f"{self.total_steps}). Use more data (or a repeating stream) or lower training_tokens.") from None
+
+    def _train_step(self, batch: torch.Tensor):
+        cfg = self.cfg
+        x = batch.to(self.device, self.dtype, non_blocking=True)
+        if self.activation_scale != 1.0:
+            x = x * self.activation_scale
+        lr, l1 = lr_at(self.step, cfg), l1_at(self.step, cfg)
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+        out = self.sae.loss(x, l1)
+        self.optimizer.zero_grad(set_to_none=True)
+        out.total.backward()
+        if cfg.normalize_sae_decoder:
+            if hasattr(self.sae, "remove_gradient_parallel_to_decoder_directions"):
+                self.sae.remove_gradient_parallel_to_decoder_directions()
+            else:
+                remove_parallel_grad(self.sae.W_dec)
+        if cfg.grad_clip_norm and cfg.grad_clip_norm > 0:
+            torch.nn.utils.clip_grad_norm_(self.sae.parameters(), cfg.grad_clip_norm)
+        self.optimizer.step()
+        if cfg.normalize_sae_decoder:
+            if hasattr(self.sae, "set_decoder_norm_to_unit_norm"):
+                self.sae.set_decoder_norm_to_unit_norm()
+            else:
+                normalize_decoder_rows(self.sae.W_dec)
+        self.tracker.update(out.f)
+        return x, out, lr, l1
+
+    def _log(self, x, out, lr: float, l1: float) -> dict:
+        self.n_logs += 1
+        rec = {"losses/mse_loss": float(out.mse.detach()), "losses/l1_loss": float(out.l1.detach()),
+               "losses/raw_l1_loss": float(out.raw_l1.detach()), "losses/overall_loss": float(out.total.detach()),
+               **batch_metrics(x, out.x_hat.detach(), out.f.detach()),
+               "details/current_learning_rate": lr, "details/current_l1_coefficient": l1,
+               "details/n_training_tokens": self.tokens, **self.tracker.step_metrics()}
+        window = self.tracker.pop_window_stats()
+        if window:
+            rec.update(window)
+        if self.evaluator is not None and self.cfg.eval_every > 0 and self.n_logs % self.cfg.eval_every == 0:
+            rec.update(self.evaluator(self.folded_copy()))
+        self.loggers.log(self.step, rec)
+        self.records.append({"step": self.step, **rec})
+        return rec
+
+    # -- saving ---------------------------------------------------------------------------------------------------
+    def folded_copy(self):
+        """A copy of the SAE that takes raw activations (s folded into the weights)."""
+        sae = copy.deepcopy(self.sae)
+        for p in sae.parameters():
+            p.grad = None
+        with torch.no_grad():
+            sae.fold_activation_scale(self.activation_scale)
+        return sae
+
+    def final_sae(self):
+        return self._final_sae if self._final_sae is not None else self.folded_copy()
+
+    def _config_dict(self) -> dict:
+        return dataclasses.asdict(self.cfg) if dataclasses.is_dataclass(self.cfg) else dict(vars(self.cfg))
+
+    def save_checkpoint(self, kind: str = "step", *, with_sae: Optional[bool] = None) -> Path:
+        """Write the full training state atomically to ``run_dir/checkpoints/<kind>_<step>`` (with a folded SAE
+        under ``sae/`` for ``kind="step"``), then drop superseded rolling checkpoints."""
+        with_sae = (kind == "step") if with_sae is None else with_sae
+
+        def write_sae(tmp: Path) -> None:
+            self.folded_copy().save(tmp / "sae", sparsity=self.tracker.log10_density())
+
+        state = {"step": self.step, "tokens": self.tokens, "activation_scale": self.activation_scale,
+                 "total_steps": self.total_steps, "source": self.source.state_dict(), "config": self._config_dict(),
+                 "trainer": {"n_logs": self.n_logs, "train_seconds": self.train_seconds}}
+        path = ckpt.save_checkpoint(ckpt.checkpoint_dir(self.run_dir, self.step, kind),
+                                    sae_state=self.sae.state_dict(), optimizer_state=self.optimizer.state_dict(),
+                                    sparsity_state=self.tracker.state_dict(), state=state,
+                                    write_extra=write_sae if with_sae else None)
+        for step, k, p in ckpt.list_checkpoints(self.run_dir):
+            if k == "resume" and p != path:
+                ckpt.remove_checkpoint(p)
+        return path
+
+    # -- resume ---------------------------------------------------------------------------------------------------
+    def load_checkpoint(self, path: str | Path) -> int:
+        """Restore SAE, optimizer, step/tokens, scale, sparsity tracker, source position and RNG states from a
+        checkpoint; the loggers drop records after its step. Returns the step."""
+        c = ckpt.load_checkpoint(path)
+        old = c.state.get("config", {})
+        new = self._config_dict()
+        changed = [k for k in _TRACE_OPTIONS if k in old and k in new and old[k] != new[k]]
+        if changed:
+            warnings.warn(f"Resuming {path} with changed options {', '.join(changed)}: the rest of the run will not "
+                          f"match an uninterrupted one.", stacklevel=2)
+        self.sae.load_state_dict(c.sae_state)
+        self.optimizer.load_state_dict(c.optimizer_state)
+        self.tracker.load_state_dict(c.sparsity_state)
+        self.source.load_state_dict(c.state["source"])
+        ckpt.restore_rng_state(c.rng_state)
+        self.step, self.tokens = int(c.state["step"]), int(c.state["tokens"])
+        self.activation_scale = float(c.state["activation_scale"])
+        self.n_logs = int(c.state["trainer"]["n_logs"])
+        self.train_seconds = float(c.state["trainer"].get("train_seconds", 0.0))
+        self.loggers.resume(self.step, self.tokens)
+        self.records = [r for r in self._log_records() if r.get("step", 0) <= self.step]
+        self.resumed_from = Path(path)
+        ckpt.cleanup_incomplete(self.run_dir)
+        return self.step
+
+    def resume(self, run_dir: Optional[str | Path] = None) -> int:
+        """Continue from the latest checkpoint of ``run_dir`` (default: this trainer's run directory)."""
+        run_dir = Path(run_dir) if run_dir is not None else self.run_dir
+        path = ckpt.latest_checkpoint(run_dir)
+        if path is None:
+            raise ckpt.CheckpointError(f"{run_dir} has no complete checkpoint to resume from.")
+        return self.load_checkpoint(path)
+
+    def _log_records(self) -> list[dict]:
+        jl = self.loggers.find(JSONLLogger)
+        return jl.records() if jl is not None else list(self.records)
+
+    # -- Ctrl-C ---------------------------------------------------------------------------------------------------
+    def _on_sigint(self, signum, frame) -> None:
+        if self._interrupted:
+            raise KeyboardInterrupt  # second Ctrl-C: stop at once, without a checkpoint
+        self._interrupted = True
+        print("\nInterrupt: finishing the current step and writing a checkpoint (press Ctrl-C again to abort "
+              "without one)...", file=sys.stderr, flush=True)
+
+    # -- main loop ------------------------------------------------------------------------------------------------
+    def train(self) -> dict:
+        """Run to ``cfg.total_steps``; returns the summary dict (also written to summary.json / summary.md)."""
+        cfg = self.cfg
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        if self.resumed_from is None and self.step == 0:
+            ckpt.cleanup_incomplete(self.run_dir)
+            self.loggers.resume(0, 0)  # fresh run: drop stale records
+        old_handler = None
+        if threading.current_thread() is threading.main_thread():
+            old_handler = signal.signal(signal.SIGINT, self._on_sigint)
+        last_resume_ckpt = time.monotonic()
+        session_start, session_step0 = time.monotonic(), self.step
+        try:
+            while self.step < self.total_steps:
+                t0 = time.monotonic()
+                batch = self._next_batch()
+                x, out, lr, l1 = self._train_step(batch)
+                self.step += 1
+                self.tokens += batch.shape[0]
+                if self.step % cfg.log_every == 0 or self.step == self.total_steps:
+                    self._log(x.detach(), out, lr, l1)
+                del x, out
+                self.train_seconds += time.monotonic() - t0
+                if self.step in self._ckpt_steps:
+                    self.save_checkpoint("step")
+                    last_resume_ckpt = time.monotonic()
+                elif (cfg.resume_checkpoint_minutes > 0 and self.step < self.total_steps
+                      and time.monotonic() - last_resume_ckpt >= 60.0 * cfg.resume_checkpoint_minutes):
+                    self.save_checkpoint("resume")
+                    last_resume_ckpt = time.monotonic()
+                if self._interrupted and self.step < self.total_steps:
+                    path = self.save_checkpoint("resume")
+                    msg = (f"Training interrupted after step {self.step}/{self.total_steps} ({self.tokens:,} tokens). "
+                           f"Checkpoint written to {path}. Resume with: dsae train --resume {self.run_dir}")
+                    print(msg, file=sys.stderr, flush=True)
+                    raise TrainingInterrupted(msg, path)
+            summary = self._finish(time.monotonic() - session_start, self.step - session_step0)
+        finally:
+            if old_handler is not None:
+                signal.signal(signal.SIGINT, old_handler)
+            self._interrupted = False
+            self.loggers.close()
+        return summary
+
+    def _finish(self, session_seconds: float, session_steps: int) -> dict:
+        final = self.folded_copy()
+        with ckpt.atomic_directory(self.run_dir / "sae") as tmp:
+            final.save(tmp, sparsity=self.tracker.log10_density())
+        self._final_sae = final
+        self.save_checkpoint("step", with_sae=False)  # full state at the end (e.g. keep_optimizer fine-tuning)
+        records = self._log_records()
+        plot_training_curves(records, self.run_dir / "training_curves.png",
+                             title=f"{self.run_dir.name}: {self.tokens:,} tokens")
+        density = self.tracker.density()
+        tok_s = self.cfg.train_batch_size_tokens * session_steps / session_seconds if session_seconds > 0 else None
+        summary = {
+            "run_dir": str(self.run_dir), "sae_dir": str(self.run_dir / "sae"), "steps": self.step,
+            "training_tokens": self.tokens, "activation_scale": self.activation_scale,
+            "train_seconds": self.train_seconds, "tokens_per_second": tok_s,
+            "resumed_from": str(self.resumed_from) if self.resumed_from else None,
+            "never_fired": int((density == 0).sum()), "d_sae": int(density.numel()),
+            "metrics": {k: v for k, v in last_values(records).items() if "/" in k},
+        }
+        extra = {"activation scale s": self.activation_scale, "latents never fired (whole run)":
+                 f"{summary['never_fired']} / {summary['d_sae']}", "steps": self.step,
+                 "training time (s)": round(self.train_seconds, 1)}
+        table = summary_table(records, extra)
+        (self.run_dir / "summary.md").write_text(f"# Training summary: {self.run_dir.name}\n\n{table}\n")
+        (self.run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
+        if self.verbose:
+            print(f"\nTraining finished: {self.run_dir}\n{table}", flush=True)
+        return summary
