@@ -1,0 +1,527 @@
+"""Document sources: turn a dataset spec into a deterministic, re-iterable stream of :class:`Document`.
+
+A document is exactly one of: plain text (``text``), a conversation (``messages``: a list of
+``{"role", "content"}`` dicts, rendered later through the tokenizer's chat template) or pre-tokenized ids
+(``input_ids``). Empty documents (empty/whitespace-only text, no messages, no ids) are skipped; a source that
+yields no document at all raises :class:`DataError` when iterated.
+
+Specs accepted by :func:`open_source` (checked in this order):
+
+``chat``
+    Built-in: the chitchat conversations of the ``chitchat-dataset`` package (``chitchat_dataset/dataset.json``),
+    ordered by conversation id. Each turn (consecutive messages of one sender) becomes one message whose content is
+    the turn's texts joined with ``"\\n"``; the first sender is ``user``, the other ``assistant``.
+``code``
+    Built-in: the ``.py`` files of the running Python's standard library (``sysconfig`` ``stdlib`` path), sorted by
+    relative path, excluding ``test``/``tests``/``idle_test`` directories (this includes lib2to3's test data),
+    ``site-packages``/``dist-packages`` and ``__pycache__``. File text is kept byte-for-byte (no newline
+    translation or stripping).
+a ``.parquet``, ``.jsonl`` or ``.json`` file
+    Rows of a table; the column is ``column`` or detected (see :func:`detect_column`). A ``.json`` file holds a list
+    of rows, or a dict of equal-length column lists.
+a ``.txt`` file
+    One document holding the whole file.
+a directory
+    If every (non-hidden) file in it is a ``.parquet``/``.jsonl``/``.json`` table, the tables in sorted order.
+    Otherwise every text/code file in it, recursively, sorted by relative path, one document per file; binary files
+    (a NUL byte, or not decodable) and hidden files/directories are skipped.
+anything else
+    A Hugging Face hub dataset id, loaded with ``datasets.load_dataset(spec, split=split, streaming=streaming)``.
+    When offline (``HF_HUB_OFFLINE``/``HF_DATASETS_OFFLINE`` set, or the hub host not reachable within 3 s) this
+    fails at once with a :class:`DataError` listing the alternatives.
+
+A spec that looks like a path (starts with ``/``, ``./``, ``../``, ``~`` or has a data-file suffix) but does not
+exist is an error, never a hub lookup. Use ``./chat`` for a local file literally named ``chat``.
+
+Column detection (``column=None``): ``text``; then a chat column ``messages``/``conversation``/``conversations``
+(lists of ``{role, content}``, or ShareGPT ``{from, value}`` normalised to roles user/assistant/system); then a
+pre-tokenized column ``input_ids``/``tokens``. The values decide how a column is read: strings are text, lists of
+dicts are chats, lists of integers are token ids.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import numbers
+import os
+import socket
+import sys
+import sysconfig
+import threading
+import tokenize
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Iterable, Iterator, Optional
+from urllib.parse import urlparse
+
+__all__ = ["DataError", "Document", "DocumentSource", "open_source", "detect_column", "normalize_messages",
+           "value_to_document", "BUILTIN_SOURCES", "TEXT_COLUMNS", "CHAT_COLUMNS", "IDS_COLUMNS"]
+
+
+class DataError(ValueError):
+    """A dataset cannot be used as asked (missing column, empty data, unreadable file, hub unreachable); the
+    message names the problem and the fix."""
+
+
+BUILTIN_SOURCES = ("chat", "code")
+TEXT_COLUMNS = ("text",)
+CHAT_COLUMNS = ("messages", "conversation", "conversations")
+IDS_COLUMNS = ("input_ids", "tokens")
+TABLE_SUFFIXES = (".parquet", ".jsonl", ".json")
+FILE_SUFFIXES = TABLE_SUFFIXES + (".txt",)
+_SHAREGPT_ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant",
+                   "chatgpt": "assistant", "bard": "assistant", "bing": "assistant", "model": "assistant",
+                   "system": "system"}
+_STDLIB_EXCLUDED_DIRS = {"test", "tests", "idle_test", "site-packages", "dist-packages", "__pycache__"}
+_HUB_CHECK_TIMEOUT_S = 3.0
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Documents
+
+@dataclass(frozen=True)
+class Document:
+    """One document: exactly one of ``text``, ``messages`` (``[{"role": str, "content": str}, ...]``) or
+    ``input_ids`` is set."""
+
+    text: Optional[str] = None
+    messages: Optional[list] = None
+    input_ids: Optional[list] = None
+
+    def __post_init__(self):
+        n_set = sum(x is not None for x in (self.text, self.messages, self.input_ids))
+        if n_set != 1:
+            raise DataError(f"A Document holds exactly one of text, messages or input_ids (got {n_set}).")
+
+    @property
+    def kind(self) -> str:
+        """``"text"``, ``"chat"`` or ``"ids"``."""
+        if self.text is not None:
+            return "text"
+        return "chat" if self.messages is not None else "ids"
+
+    def is_empty(self) -> bool:
+        if self.text is not None:
+            return not self.text.strip()
+        if self.messages is not None:
+            return not self.messages
+        return not self.input_ids
+
+
+class DocumentSource:
+    """Re-iterable stream of documents in a fixed order. Every ``iter()`` starts from the first document.
+
+    ``description`` says in words what the source is (shown in logs and errors). Iterating a source that yields no
+    non-empty document raises :class:`DataError`."""
+
+    def __init__(self, spec: str, description: str, factory: Callable[[], Iterable[Document]]):
+        self.spec = spec
+        self.description = description
+        self._factory = factory
+
+    def __iter__(self) -> Iterator[Document]:
+        n = 0
+        for doc in self._factory():
+            if doc is None or doc.is_empty():
+                continue
+            n += 1
+            yield doc
+        if n == 0:
+            raise DataError(f"The dataset {self.spec!r} ({self.description}) holds no documents (it is empty, or "
+                            f"every row is empty). Check the file/split, or choose another --data-column.")
+
+    def __repr__(self) -> str:
+        return f"DocumentSource({self.spec!r}: {self.description})"
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Values and columns
+
+def normalize_messages(raw: Any, where: str = "") -> list[dict]:
+    """``[{"role", "content"}]`` from a list of ``{role, content}`` or ShareGPT ``{from, value}`` dicts.
+
+    ``content`` may be None (-> ``""``) or a list of OpenAI-style parts (their ``text`` fields joined with
+    ``"\\n"``). ShareGPT senders human/gpt/system map to user/assistant/system."""
+    out = []
+    for i, m in enumerate(raw):
+        if not isinstance(m, dict):
+            raise DataError(f"Message {i} of a conversation{where} is a {type(m).__name__}, not a dict with "
+                            f"role/content (or ShareGPT from/value).")
+        if "role" in m and "content" in m:
+            role, content = m["role"], m["content"]
+        elif "from" in m and "value" in m:
+            role, content = _SHAREGPT_ROLES.get(str(m["from"]).lower(), str(m["from"])), m["value"]
+        else:
+            raise DataError(f"Message {i} of a conversation{where} has keys {sorted(m)}; expected role and content "
+                            f"(or ShareGPT from and value).")
+        if content is None:
+            content = ""
+        elif isinstance(content, list):  # multimodal parts: keep the text ones
+            content = "\n".join(str(p.get("text", "")) for p in content if isinstance(p, dict) and p.get("text"))
+        elif not isinstance(content, str):
+            raise DataError(f"Message {i} of a conversation{where} has content of type {type(content).__name__}; "
+                            f"expected a string.")
+        out.append({"role": str(role), "content": content})
+    return out
+
+
+def _is_int(x) -> bool:
+    """An integer (Python or numpy), not a bool."""
+    return isinstance(x, numbers.Integral) and not isinstance(x, bool)
+
+
+def value_to_document(value: Any, where: str = "") -> Optional[Document]:
+    """Document from one cell: a string is text, a list of dicts a chat, a list of integers token ids,
+    None an empty row (returns None)."""
+    if value is None:
+        return None
+    if isinstance(value, str):
+        return Document(text=value)
+    if hasattr(value, "tolist") and not isinstance(value, (list, tuple)):  # numpy / torch arrays
+        value = value.tolist()
+    if isinstance(value, (list, tuple)):
+        if not value:
+            return None
+        if all(isinstance(v, dict) for v in value):
+            return Document(messages=normalize_messages(value, where))
+        if all(_is_int(v) for v in value):
+            return Document(input_ids=[int(v) for v in value])
+    raise DataError(f"Cannot read a value of type {type(value).__name__}{where} as a document: expected a string "
+                    f"(text), a list of {{role, content}} messages (chat) or a list of integers (token ids). Choose "
+                    f"another column with --data-column.")
+
+
+def detect_column(columns: Iterable[str], column: Optional[str], where: str) -> str:
+    """The column to read: ``column`` when given (it must exist), else the first of ``text``; ``messages``,
+    ``conversation``, ``conversations``; ``input_ids``, ``tokens`` that exists."""
+    cols = list(columns)
+    if column is not None:
+        if column not in cols:
+            raise DataError(f"Column {column!r} is not in {where}; columns found: {', '.join(map(repr, cols)) or 'none'}."
+                            f" Pass one of them with --data-column.")
+        return column
+    for c in TEXT_COLUMNS + CHAT_COLUMNS + IDS_COLUMNS:
+        if c in cols:
+            return c
+    raise DataError(f"Cannot tell which column of {where} holds the documents: none of "
+                    f"{', '.join(TEXT_COLUMNS + CHAT_COLUMNS + IDS_COLUMNS)} is present; columns found: "
+                    f"{', '.join(map(repr, cols)) or 'none'}. Pass the column with --data-column (e.g. "
+                    f"--data-column {cols[0] if cols else 'content'}).")
+
+
+def _rows_to_documents(rows: Iterable[Any], column: Optional[str], where: str) -> Iterator[Document]:
+    """Documents from dict rows (or bare strings/lists); the column is detected on the first dict row."""
+    chosen: Optional[str] = None
+    for i, row in enumerate(rows):
+        if isinstance(row, dict):
+            if chosen is None:
+                chosen = detect_column(row.keys(), column, where)
+            yield value_to_document(row.get(chosen), f" (row {i} of {where}, column {chosen!r})")
+        else:
+            yield value_to_document(row, f" (row {i} of {where})")
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Built-in sources
+
+def _chitchat_file() -> Path:
+    spec = importlib.util.find_spec("chitchat_dataset")
+    if spec is None:
+        raise DataError("The built-in 'chat' data needs the chitchat-dataset package: pip install chitchat-dataset "
+                        "(or use --data code, a local file, or a hub dataset).")
+    roots = list(spec.submodule_search_locations or []) or [os.path.dirname(spec.origin or "")]
+    for root in roots:
+        p = Path(root) / "dataset.json"
+        if p.is_file():
+            return p
+    raise DataError(f"The chitchat-dataset package at {roots} has no dataset.json; reinstall it "
+                    f"(pip install --force-reinstall chitchat-dataset).")
+
+
+def chitchat_conversation(entry: dict) -> list[dict]:
+    """Messages of one chitchat conversation: one message per turn, turn texts joined with "\\n"; the first
+    sender is the user, every other sender the assistant."""
+    messages: list[dict] = []
+    first_sender = None
+    for turn in entry.get("messages", []):
+        if not turn:
+            continue
+        sender = turn[0].get("sender")
+        if first_sender is None:
+            first_sender = sender
+        role = "user" if sender == first_sender else "assistant"
+        content = "\n".join(m.get("text", "") for m in turn)
+        if messages and messages[-1]["role"] == role:  # keep roles alternating
+            messages[-1]["content"] += "\n" + content
+        else:
+            messages.append({"role": role, "content": content})
+    return messages
+
+
+def _chat_source() -> DocumentSource:
+    path = _chitchat_file()
+
+    def docs():
+        with open(path, encoding="utf-8") as fh:
+            data = json.load(fh)
+        for cid in sorted(data):
+            yield Document(messages=chitchat_conversation(data[cid]))
+
+    return DocumentSource("chat", f"built-in chitchat conversations ({path})", docs)
+
+
+def stdlib_files() -> list[Path]:
+    """The standard library's ``.py`` files used by the built-in 'code' data, sorted by relative path."""
+    root = Path(sysconfig.get_paths()["stdlib"])
+    out = []
+    for dirpath, dirnames, filenames in os.walk(root):
+        dirnames[:] = sorted(d for d in dirnames if d not in _STDLIB_EXCLUDED_DIRS and not d.startswith("."))
+        out.extend(Path(dirpath) / f for f in filenames if f.endswith(".py"))
+    return sorted(out, key=lambda p: p.relative_to(root).as_posix())
+
+
+def _code_source() -> DocumentSource:
+    files = stdlib_files()
+    if not files:
+        raise DataError(f"No standard-library .py files found under {sysconfig.get_paths()['stdlib']}; use another "
+                        f"dataset (a directory of code files works).")
+
+    def docs():
+        for p in files:
+            text = read_text_file(p)
+            if text is not None:
+                yield Document(text=text)
+
+    v = sys.version_info
+    return DocumentSource("code", f"built-in Python {v.major}.{v.minor} standard library ({len(files)} .py files)",
+                          docs)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Local files and directories
+
+def read_text_file(path: Path) -> Optional[str]:
+    """The file's text exactly as stored (no newline translation), or None for a binary file (a NUL byte, or not
+    decodable as UTF-8 / the encoding a ``.py`` file declares)."""
+    data = Path(path).read_bytes()
+    if b"\x00" in data:
+        return None
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError:
+        pass
+    if str(path).endswith(".py"):
+        try:
+            import io
+            enc, _ = tokenize.detect_encoding(io.BytesIO(data).readline)
+            return data.decode(enc)
+        except (SyntaxError, UnicodeDecodeError, LookupError):
+            return None
+    return None
+
+
+def _parquet_rows(path: Path, column: Optional[str]) -> Iterator[Document]:
+    import pyarrow.parquet as pq
+    try:
+        pf = pq.ParquetFile(path)
+    except Exception as e:  # pyarrow raises several types for corrupt files
+        raise DataError(f"Cannot read parquet file {path}: {e}") from None
+    col = detect_column(pf.schema_arrow.names, column, f"parquet file {path}")
+    i = 0
+    for batch in pf.iter_batches(batch_size=512, columns=[col]):
+        for value in batch.column(0).to_pylist():
+            yield value_to_document(value, f" (row {i} of {path}, column {col!r})")
+            i += 1
+
+
+def _jsonl_rows(path: Path, column: Optional[str]) -> Iterator[Document]:
+    def rows():
+        with open(path, encoding="utf-8") as fh:
+            for n, line in enumerate(fh, 1):
+                if line.strip():
+                    try:
+                        yield json.loads(line)
+                    except json.JSONDecodeError as e:
+                        raise DataError(f"Line {n} of {path} is not valid JSON ({e}); a .jsonl file holds one "
+                                        f"JSON object per line.") from None
+    yield from _rows_to_documents(rows(), column, f"jsonl file {path}")
+
+
+def _json_rows(path: Path, column: Optional[str]) -> Iterator[Document]:
+    try:
+        with open(path, encoding="utf-8") as fh:
+            data = json.load(fh)
+    except json.JSONDecodeError as e:
+        if "Extra data" in str(e):  # JSON Lines with a .json suffix
+            yield from _jsonl_rows(path, column)
+            return
+        raise DataError(f"{path} is not valid JSON ({e}).") from None
+    if isinstance(data, dict):
+        lists = {k: v for k, v in data.items() if isinstance(v, list)}
+        if lists and len(lists) == len(data) and len({len(v) for v in lists.values()}) == 1:
+            col = detect_column(list(data), column, f"json file {path}")  # dict of columns
+            for i, value in enumerate(data[col]):
+                yield value_to_document(value, f" (row {i} of {path}, column {col!r})")
+            return
+        if len(lists) == 1:  # {"data": [rows...]}
+            data = next(iter(lists.values()))
+        else:
+            raise DataError(f"Cannot read {path}: expected a list of rows or a dict of equal-length column lists "
+                            f"(top-level keys: {sorted(data)}). Convert it to .jsonl (one object per line).")
+    if not isinstance(data, list):
+        raise DataError(f"Cannot read {path}: the top level is a {type(data).__name__}, not a list of rows.")
+    yield from _rows_to_documents(data, column, f"json file {path}")
+
+
+def _text_file(path: Path) -> Iterator[Document]:
+    text = read_text_file(path)
+    if text is None:
+        raise DataError(f"{path} is not a UTF-8 text file.")
+    yield Document(text=text)
+
+
+_TABLE_READERS = {".parquet": _parquet_rows, ".jsonl": _jsonl_rows, ".json": _json_rows}
+
+
+def _file_source(path: Path, column: Optional[str]) -> DocumentSource:
+    suffix = path.suffix.lower()
+    if suffix == ".txt":
+        return DocumentSource(str(path), f"text file {path}", lambda: _text_file(path))
+    reader = _TABLE_READERS[suffix]
+    col = f", column {column!r}" if column else ""
+    return DocumentSource(str(path), f"{suffix[1:]} file {path}{col}", lambda: reader(path, column))
+
+
+def _visible_files(root: Path) -> list[Path]:
+    out = []
+    for dirpath, dirnames, filenames in os.walk(root):
+        dirnames[:] = [d for d in dirnames if not d.startswith(".") and d != "__pycache__"]
+        out.extend(Path(dirpath) / f for f in filenames if not f.startswith("."))
+    return sorted(out, key=lambda p: p.relative_to(root).as_posix())
+
+
+def _directory_source(root: Path, column: Optional[str]) -> DocumentSource:
+    files = _visible_files(root)
+    if not files:
+        raise DataError(f"The directory {root} holds no files.")
+    if all(p.suffix.lower() in TABLE_SUFFIXES for p in files):
+        def table_docs():
+            for p in files:
+                yield from _TABLE_READERS[p.suffix.lower()](p, column)
+        return DocumentSource(str(root), f"directory of {len(files)} data files {root}", table_docs)
+
+    def text_docs():
+        for p in files:
+            text = read_text_file(p)
+            if text is not None:
+                yield Document(text=text)
+    return DocumentSource(str(root), f"directory of text/code files {root} ({len(files)} files)", text_docs)
+
+
+def _looks_like_path(spec: str) -> bool:
+    return spec.startswith(("/", "./", "../", "~", ".\\")) or spec.lower().endswith(FILE_SUFFIXES)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Hugging Face hub
+
+def _truthy_env(name: str) -> bool:
+    return os.environ.get(name, "").strip().upper() in ("1", "ON", "YES", "TRUE")
+
+
+def hub_offline_reason(timeout_s: float = _HUB_CHECK_TIMEOUT_S) -> Optional[str]:
+    """Why the hub cannot be used right now (None when it can): an offline environment variable, or the hub host
+    (``HF_ENDPOINT``, default huggingface.co) not accepting a TCP connection within ``timeout_s``. The check runs
+    in a daemon thread, so a stuck DNS lookup cannot hang the caller."""
+    for var in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE"):
+        if _truthy_env(var):
+            return f"{var}={os.environ[var]} is set"
+    url = urlparse(os.environ.get("HF_ENDPOINT") or "https://huggingface.co")
+    host = url.hostname or "huggingface.co"
+    port = url.port or (80 if url.scheme == "http" else 443)
+    result: dict[str, Any] = {}
+
+    def probe():
+        try:
+            socket.create_connection((host, port), timeout=timeout_s).close()
+            result["ok"] = True
+        except OSError as e:
+            result["error"] = e
+
+    t = threading.Thread(target=probe, daemon=True)
+    t.start()
+    t.join(timeout_s + 0.5)
+    if result.get("ok"):
+        return None
+    err = result.get("error")
+    return f"the hub host {host}:{port} is unreachable ({err or f'no answer within {timeout_s:.0f} s'})"
+
+
+def _hub_source(spec: str, split: str, column: Optional[str], streaming: bool) -> DocumentSource:
+    reason = hub_offline_reason()
+    if reason is not None:
+        raise DataError(
+            f"Cannot load the hub dataset {spec!r}: {reason}. Fixes: use a local copy (a .parquet/.jsonl/.json/.txt "
+            f"file or a directory, e.g. --data ./{spec.split('/')[-1]}.parquet), the built-in --data chat or "
+            f"--data code, or go online (unset HF_HUB_OFFLINE/HF_DATASETS_OFFLINE).")
+    try:
+        import datasets
+    except ImportError:
+        raise DataError(f"Loading the hub dataset {spec!r} needs the datasets package: pip install datasets.") \
+            from None
+
+    def load():
+        try:
+            return datasets.load_dataset(spec, split=split, streaming=streaming)
+        except Exception as e:  # DatasetNotFoundError, connection errors, bad split names, ...
+            raise DataError(f"Cannot load the hub dataset {spec!r} (split {split!r}): {type(e).__name__}: {e}. Check "
+                            f"the id and --data-split, or use a local .parquet/.jsonl file or --data chat/code.") \
+                from None
+
+    ds = load()  # fail here, at open time, on a wrong id or split
+
+    def docs():  # every pass iterates the dataset again from its first row
+        d = ds
+        names = getattr(d, "column_names", None)
+        if names:
+            col = detect_column(names, column, f"hub dataset {spec!r}")
+            try:
+                d = d.select_columns([col])
+            except Exception:  # older datasets versions
+                pass
+            for i, row in enumerate(d):
+                yield value_to_document(row.get(col), f" (row {i} of {spec!r}, column {col!r})")
+        else:
+            yield from _rows_to_documents(iter(d), column, f"hub dataset {spec!r}")
+
+    mode = "streaming" if streaming else "downloaded"
+    return DocumentSource(spec, f"hub dataset {spec} split {split} ({mode})", docs)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+
+def open_source(spec: str, *, split: str = "train", column: Optional[str] = None,
+                streaming: bool = True) -> DocumentSource:
+    """The documents of ``spec`` (see the module docstring for the accepted specs), in a deterministic order.
+
+    ``split`` and ``streaming`` only matter for hub datasets; ``column`` selects a column of a table (detected when
+    None). Raises :class:`DataError` for a missing file or column, an unreadable file, or an unreachable hub."""
+    if not isinstance(spec, str) or not spec.strip():
+        raise DataError("No dataset given: pass --data chat, --data code, a file, a directory or a hub dataset id.")
+    if spec == "chat":
+        return _chat_source()
+    if spec == "code":
+        return _code_source()
+    path = Path(spec).expanduser()
+    if path.is_dir():
+        return _directory_source(path, column)
+    if path.is_file():
+        if path.suffix.lower() not in FILE_SUFFIXES:
+            raise DataError(f"Cannot read {path}: unsupported file type {path.suffix!r}; use .parquet, .jsonl, .json "
+                            f"or .txt, or put the file in a directory and pass the directory.")
+        return _file_source(path, column)
+    if _looks_like_path(spec):
+        raise DataError(f"The dataset file {spec} does not exist. Check the path, or use --data chat / --data code "
+                        f"or a hub dataset id.")
+    return _hub_source(spec, split, column, streaming)
