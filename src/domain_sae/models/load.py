@@ -93,12 +93,15 @@ def _alias_path(name: str) -> tuple[str, str]:
 
 
 def _quiet():
-    """Silence transformers' progress bars and warnings while loading (GGUF de-quantisation is chatty)."""
+    """Silence transformers' progress bars and warnings while loading. The GGUF de-quantisation loop uses a bare
+    ``tqdm`` that ignores transformers' switch, so it gets a pass-through instead."""
     try:
         from transformers.utils import logging as hf_logging
         hf_logging.disable_progress_bar()
         hf_logging.set_verbosity_error()
-    except Exception:  # pragma: no cover - optional
+        import transformers.modeling_gguf_pytorch_utils as gguf_utils
+        gguf_utils.tqdm = lambda iterable, *a, **k: iterable
+    except Exception:  # pragma: no cover - optional, depends on the transformers version
         pass
 
 

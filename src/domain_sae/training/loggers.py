@@ -113,11 +113,33 @@ class JSONLLogger(Logger):
 class ConsoleProgress(Logger):
     """A live progress line (tqdm): tokens, tokens/s, ETA, and the latest mse, L0 and explained variance."""
 
-    def __init__(self, total_tokens: int, *, disable: Optional[bool] = None, file=None, desc: str = "training"):
+    def __init__(self, total_tokens: int, *, disable: Optional[bool] = None, file=None, desc: str = "training",
+                 plain_every_s: float = 15.0):
         from tqdm.auto import tqdm
+        self._file = file or sys.stderr
         self._bar = tqdm(total=int(total_tokens), unit="tok", unit_scale=True, dynamic_ncols=True, desc=desc,
-                         disable=disable, file=file or sys.stderr, smoothing=0.1)
+                         disable=disable, file=self._file, smoothing=0.1)
         self._tokens = 0
+        self._total = int(total_tokens)
+        self._desc = desc
+        # Not a terminal (CI, nohup, a pipe): tqdm stays silent, so print a plain line every ``plain_every_s``.
+        is_tty = getattr(self._file, "isatty", lambda: False)()
+        self._plain = disable is None and not is_tty
+        self._plain_every = plain_every_s
+        self._t0 = self._last_plain = time.monotonic()
+        self._tokens0 = 0
+
+    def _plain_line(self, step: int, post: dict) -> None:
+        now = time.monotonic()
+        if now - self._last_plain < self._plain_every and self._tokens < self._total:
+            return
+        self._last_plain = now
+        rate = (self._tokens - self._tokens0) / max(now - self._t0, 1e-9)
+        eta = (self._total - self._tokens) / rate if rate > 0 else float("nan")
+        extra = " ".join(f"{k}={v}" for k, v in post.items() if k != "step")
+        print(f"[{self._desc}] step {step} {self._tokens:,}/{self._total:,} tok "
+              f"({100 * self._tokens / max(self._total, 1):.0f}%) {rate:,.0f} tok/s ETA {eta:,.0f}s {extra}",
+              file=self._file, flush=True)
 
     def _advance(self, tokens: int) -> None:
         if tokens > self._tokens:
@@ -134,11 +156,14 @@ class ConsoleProgress(Logger):
                 post[short] = fmt.format(metrics[key])
         post["step"] = step
         self._bar.set_postfix(post, refresh=True)
+        if self._plain:
+            self._plain_line(step, post)
 
     def resume(self, step: int, tokens: int = 0) -> None:
         """Start the bar at the restored token count (tokens/s and ETA then count only this session)."""
         self._bar.reset(total=self._bar.total)
-        self._bar.initial = self._bar.n = self._tokens = int(tokens)
+        self._bar.initial = self._bar.n = self._tokens = self._tokens0 = int(tokens)
+        self._t0 = time.monotonic()
         self._bar.refresh()
 
     def close(self) -> None:
