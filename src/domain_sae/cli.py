@@ -176,6 +176,9 @@ def main(argv: Optional[list[str]] = None) -> int:
     except KeyboardInterrupt:
         print("Interrupted.", file=sys.stderr)
         return 130
+    except BrokenPipeError:  # e.g. `dsae options | head`
+        sys.stderr.close()
+        return 0
 
 
 if __name__ == "__main__":
