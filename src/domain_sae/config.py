@@ -236,6 +236,8 @@ def _type_name(tp) -> str:
     base, optional = _strip_optional(tp)
     if get_origin(base) is Literal:
         s = "one of " + ", ".join(repr(a) for a in get_args(base))
+    elif get_origin(base) is list:
+        s = f"list of {_type_name(get_args(base)[0])} (comma-separated on the command line)"
     else:
         s = getattr(base, "__name__", str(base))
     return s + (" or null" if optional else "")
@@ -249,6 +251,12 @@ def coerce(name: str, tp, value):
             return None
         raise ConfigError(f"Option '{name}' cannot be null; expected {_type_name(tp)}.")
     try:
+        if get_origin(base) is list:
+            (item_tp,) = get_args(base) or (str,)
+            items = value.split(",") if isinstance(value, str) else value
+            if not isinstance(items, (list, tuple)):
+                raise ValueError
+            return [coerce(name, item_tp, v.strip() if isinstance(v, str) else v) for v in items]
         if get_origin(base) is Literal:
             allowed = get_args(base)
             if value in allowed:

@@ -174,7 +174,7 @@ def sae_metadata(cfg: TrainConfig, lm_name: str) -> dict:
 # Entry points
 
 def train(cfg: TrainConfig, *, lm=None, source=None, heldout=None, init_sae=None,
-          run_dir: Optional[Path] = None, evaluator=None) -> TrainResult:
+          run_dir: Optional[Path] = None, evaluator=None, quiet: bool = False) -> TrainResult:
     """Train (or fine-tune, with ``init_sae``) an SAE as described by ``cfg``.
 
     ``source`` replaces the live activation store (e.g. a CachedActivationSource): the model is then only needed
@@ -199,7 +199,7 @@ def train(cfg: TrainConfig, *, lm=None, source=None, heldout=None, init_sae=None
     parts = _prepare(cfg, lm, hook, d_in, source, heldout, init_sae, evaluator, resuming=False)
     prepare_run_dir(run_dir, cfg)
     try:
-        trainer = _make_trainer(run_dir, cfg, *parts)
+        trainer = _make_trainer(run_dir, cfg, *parts, quiet=quiet)
         summary = trainer.train()
     except KeyboardInterrupt:
         write_status(run_dir, "interrupted")
@@ -263,11 +263,11 @@ def _prepare(cfg, lm, hook, d_in, source, heldout, init_sae, evaluator, *, resum
     return sae, source, evaluator, scale
 
 
-def _make_trainer(run_dir, cfg, sae, source, evaluator, scale):
+def _make_trainer(run_dir, cfg, sae, source, evaluator, scale, *, quiet: bool = False):
     from .training.loggers import default_loggers
     from .training.trainer import Trainer
-    return Trainer(sae, cfg, source, run_dir, default_loggers(run_dir, cfg), evaluator=evaluator,
-                   activation_scale=scale)
+    return Trainer(sae, cfg, source, run_dir, default_loggers(run_dir, cfg, console=False if quiet else None),
+                   evaluator=evaluator, activation_scale=scale, verbose=not quiet)
 
 
 def _total_tokens(meta: dict) -> int:

@@ -1,0 +1,279 @@
+"""Writers for evaluation results: JSON, Markdown tables and PNG plots (matplotlib, Agg backend).
+
+Nothing here computes a metric; :mod:`.runner` passes the numbers in. Output is deterministic: no timestamps, NaN
+written as ``null`` in JSON and ``n/a`` in tables, PNGs saved without creation dates.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+from typing import Any, Iterable, Optional, Sequence
+
+__all__ = ["jsonable", "write_json", "fmt", "markdown_table", "eval_markdown", "plot_heatmap",
+           "plot_density_histograms", "LM_COLUMNS", "RECONSTRUCTION_COLUMNS", "MEAN_ABLATION_COLUMNS",
+           "SEGMENT_COLUMNS"]
+
+# (key, column header, format) of the two main tables of eval.md.
+LM_COLUMNS = [
+    ("metrics/ce_loss_score", "CE score", "{:.4f}"),
+    ("metrics/delta_loss", "Δ CE (nats)", "{:.4f}"),
+    ("metrics/ce_loss_without_sae", "CE clean", "{:.4f}"),
+    ("metrics/ce_loss_with_sae", "CE SAE", "{:.4f}"),
+    ("metrics/ce_loss_with_ablation", "CE zero-abl.", "{:.4f}"),
+    ("metrics/kl_div_with_sae", "KL SAE", "{:.4f}"),
+    ("metrics/kl_div_with_ablation", "KL zero-abl.", "{:.4f}"),
+    ("metrics/kl_div_score", "KL score", "{:.4f}"),
+    ("tokens/lm_counted", "CE tokens", "{:.0f}"),
+]
+
+RECONSTRUCTION_COLUMNS = [
+    ("metrics/explained_variance", "EV", "{:.4f}"),
+    ("metrics/explained_variance_per_token_mean", "EV/token mean", "{:.4f}"),
+    ("metrics/explained_variance_std", "EV/token std", "{:.4f}"),
+    ("metrics/mse", "MSE", "{:.4g}"),
+    ("metrics/cossim", "cos", "{:.4f}"),
+    ("metrics/l2_ratio", "L2 ratio", "{:.4f}"),
+    ("metrics/relative_reconstruction_bias", "bias", "{:.4f}"),
+    ("metrics/l0", "L0", "{:.2f}"),
+    ("sparsity/dead_features", "dead", "{:.0f}"),
+    ("sparsity/dense_features", "dense", "{:.0f}"),
+    ("tokens/reconstruction_counted", "recon. tokens", "{:.0f}"),
+]
+HEADLINE_COLUMNS = LM_COLUMNS + RECONSTRUCTION_COLUMNS
+
+MEAN_ABLATION_COLUMNS = [
+    ("metrics/ce_loss_with_mean_ablation", "CE mean-abl.", "{:.4f}"),
+    ("metrics/ce_loss_score_mean_ablation", "CE score (mean-abl.)", "{:.4f}"),
+    ("metrics/kl_div_with_mean_ablation", "KL mean-abl.", "{:.4f}"),
+    ("metrics/kl_div_score_mean_ablation", "KL score (mean-abl.)", "{:.4f}"),
+]
+
+SEGMENT_COLUMNS = [
+    ("tokens/lm_counted", "CE tokens", "{:.0f}"),
+    ("metrics/ce_loss_without_sae", "CE clean", "{:.4f}"),
+    ("metrics/ce_loss_with_sae", "CE SAE", "{:.4f}"),
+    ("metrics/delta_loss", "Δ CE", "{:.4f}"),
+    ("metrics/ce_loss_score", "CE score", "{:.4f}"),
+    ("metrics/kl_div_with_sae", "KL SAE", "{:.4f}"),
+    ("tokens/reconstruction_counted", "recon. tokens", "{:.0f}"),
+    ("metrics/explained_variance", "EV", "{:.4f}"),
+    ("metrics/cossim", "cos", "{:.4f}"),
+    ("metrics/l0", "L0", "{:.2f}"),
+]
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# JSON
+
+def jsonable(obj: Any) -> Any:
+    """A JSON-safe copy: tensors/arrays to lists, non-finite floats to None, Paths to str, tuples to lists."""
+    if isinstance(obj, dict):
+        return {str(k): jsonable(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [jsonable(v) for v in obj]
+    if isinstance(obj, bool) or obj is None or isinstance(obj, str):
+        return obj
+    if isinstance(obj, int):
+        return obj
+    if isinstance(obj, float):
+        return obj if math.isfinite(obj) else None
+    if isinstance(obj, Path):
+        return str(obj)
+    if hasattr(obj, "tolist"):  # torch tensors, numpy arrays and scalars
+        return jsonable(obj.tolist())
+    return str(obj)
+
+
+def write_json(path: str | Path, data: Any) -> Path:
+    path = Path(path)
+    path.write_text(json.dumps(jsonable(data), indent=2, allow_nan=False) + "\n")
+    return path
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Markdown
+
+def fmt(value: Any, spec: str = "{:.4f}") -> str:
+    if value is None:
+        return "n/a"
+    try:
+        v = float(value)
+    except (TypeError, ValueError):
+        return str(value)
+    if not math.isfinite(v):
+        return "n/a"
+    return spec.format(v)
+
+
+def markdown_table(headers: Sequence[str], rows: Iterable[Sequence[str]]) -> str:
+    lines = ["| " + " | ".join(headers) + " |", "|" + "|".join("---" for _ in headers) + "|"]
+    lines += ["| " + " | ".join(str(c) for c in r) + " |" for r in rows]
+    return "\n".join(lines)
+
+
+def eval_markdown(summary: dict) -> str:
+    """eval.md from the eval.json structure written by ``runner.eval_matrix``."""
+    model = summary.get("model", {})
+    results = summary.get("results", [])
+    mean_abl = bool(summary.get("mean_ablation"))
+    out = ["# SAE evaluation", ""]
+    out.append(f"Model: `{model.get('name')}` ({model.get('family', '?')}). "
+               f"Evaluated on each dataset's held-out split (never trained on).")
+    out.append("")
+    out.append("Definitions (SPEC section 3): CE = next-token cross-entropy in nats over counted positions (the "
+               "target token is neither padding nor a special/chat-template-marker token); CE score = (CE_zero-abl "
+               "- CE_SAE) / (CE_zero-abl - CE_clean); Δ CE = CE_SAE - CE_clean; KL = mean KL(p_clean || p_patched); "
+               "KL score = (KL_zero-abl - KL_SAE) / KL_zero-abl; EV = 1 - Σ||x - x̂||² / Σ||x - x̄||² over all "
+               "evaluated tokens (x̄ their mean), float64; dead = never fired on the evaluated tokens; dense = fired "
+               "on more than 10% of them. The SAE replaces the hook's output at every position.")
+    if mean_abl:
+        out.append("")
+        out.append("Mean ablation (second baseline): the hook's output replaced by its mean over the evaluated "
+                   "tokens; its scores use CE/KL with mean ablation in place of zero ablation.")
+    out.append("")
+
+    out.append("## Datasets")
+    out.append("")
+    rows = []
+    for label, d in summary.get("datasets", {}).items():
+        t = d.get("tokens", {})
+        rows.append([f"`{label}`", f"`{d.get('spec')}`", fmt(t.get("tokens/sequences"), "{:.0f}"),
+                     fmt(t.get("tokens/total"), "{:.0f}"), fmt(t.get("tokens/special"), "{:.0f}"),
+                     fmt(t.get("tokens/pad"), "{:.0f}"), fmt(t.get("tokens/lm_counted"), "{:.0f}"),
+                     fmt(t.get("tokens/reconstruction_counted"), "{:.0f}")])
+    out.append(markdown_table(["dataset", "source", "sequences", "tokens", "special", "pad", "CE tokens counted",
+                               "reconstruction tokens counted"], rows))
+    out.append("")
+
+    out.append("## SAEs")
+    out.append("")
+    rows = [[f"`{label}`", f"`{s.get('path')}`", f"`{s.get('hook')}`", fmt(s.get("d_in"), "{:.0f}"),
+             fmt(s.get("d_sae"), "{:.0f}"), f"`{s.get('trained_on')}`"]
+            for label, s in summary.get("saes", {}).items()]
+    out.append(markdown_table(["SAE", "path", "hook", "d_in", "d_sae", "trained on"], rows))
+    out.append("")
+
+    def table(cols):
+        rows = [[f"`{r['sae']}`", f"`{r['dataset']}`"] + [fmt(r["metrics"].get(k), f_) for k, _, f_ in cols]
+                for r in results]
+        return markdown_table(["SAE", "dataset"] + [h for _, h, _ in cols], rows)
+
+    out.append("## Language-model metrics (one row per SAE × dataset)")
+    out.append("")
+    out.append(table(LM_COLUMNS))
+    out.append("")
+    if mean_abl:
+        out.append("### Mean-ablation baseline")
+        out.append("")
+        out.append(table(MEAN_ABLATION_COLUMNS))
+        out.append("")
+    out.append("## Reconstruction metrics (one row per SAE × dataset)")
+    out.append("")
+    out.append(table(RECONSTRUCTION_COLUMNS))
+    out.append("")
+
+    for ds in summary.get("datasets", {}):
+        seg_rows = []
+        for r in results:
+            if r["dataset"] != ds:
+                continue
+            segs = r.get("segments") or {}
+            if len(segs) < 2:
+                continue
+            for name, block in segs.items():
+                seg_rows.append([f"`{r['sae']}`", name] + [fmt(block.get(k), f_) for k, _, f_ in SEGMENT_COLUMNS])
+        if seg_rows:
+            out.append(f"## Per segment: `{ds}`")
+            out.append("")
+            out.append("CE/KL positions belong to the segment of the predicted (target) token; reconstruction "
+                       "positions to the segment of their own token.")
+            out.append("")
+            out.append(markdown_table(["SAE", "segment"] + [h for _, h, _ in SEGMENT_COLUMNS], seg_rows))
+            out.append("")
+
+    figs = summary.get("files", {})
+    if figs:
+        out.append("## Figures")
+        out.append("")
+        for name in list(figs.get("heatmaps", {}).values()) + list(figs.get("density", {}).values()):
+            out.append(f"![{name}]({name})")
+        out.append("")
+    return "\n".join(out)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Plots
+
+def _plt():
+    import matplotlib
+    matplotlib.use("Agg", force=False)
+    import matplotlib.pyplot as plt
+    return plt
+
+
+def _save(fig, path: Path) -> Path:
+    fig.savefig(path, dpi=120, metadata={"Software": None})
+    _plt().close(fig)
+    return path
+
+
+def plot_heatmap(values: Sequence[Sequence[Optional[float]]], row_labels: Sequence[str],
+                 col_labels: Sequence[str], title: str, path: str | Path, *, value_format: str = "{:.3f}",
+                 colorbar_label: str = "", cmap: str = "viridis") -> Path:
+    """SAEs (rows) × datasets (columns) heatmap with each cell's value written in it; missing values are grey."""
+    import numpy as np
+    plt = _plt()
+    arr = np.array([[np.nan if v is None else float(v) for v in row] for row in values], dtype=float)
+    n_r, n_c = arr.shape
+    fig, ax = plt.subplots(figsize=(max(4.0, 1.6 * n_c + 3.0), max(2.5, 0.55 * n_r + 1.8)))
+    masked = np.ma.masked_invalid(arr)
+    cm = plt.get_cmap(cmap).with_extremes(bad="#d9d9d9")
+    finite = arr[np.isfinite(arr)]
+    vmin, vmax = (float(finite.min()), float(finite.max())) if finite.size else (0.0, 1.0)
+    if vmin == vmax:
+        vmin, vmax = vmin - 0.5, vmax + 0.5
+    im = ax.imshow(masked, cmap=cm, vmin=vmin, vmax=vmax, aspect="auto")
+    ax.set_xticks(range(n_c), labels=list(col_labels), rotation=20, ha="right")
+    ax.set_yticks(range(n_r), labels=list(row_labels))
+    ax.set_xlabel("evaluation dataset (held-out split)")
+    ax.set_ylabel("SAE")
+    ax.set_title(title)
+    for i in range(n_r):
+        for j in range(n_c):
+            v = arr[i, j]
+            text = "n/a" if not np.isfinite(v) else value_format.format(v)
+            shade = 0.5 if not np.isfinite(v) else (v - vmin) / (vmax - vmin)
+            ax.text(j, i, text, ha="center", va="center", fontsize=9,
+                    color="black" if shade > 0.55 else "white")
+    cb = fig.colorbar(im, ax=ax)
+    if colorbar_label:
+        cb.set_label(colorbar_label)
+    fig.tight_layout()
+    return _save(fig, Path(path))
+
+
+def plot_density_histograms(histograms: dict[str, tuple[Sequence[float], Sequence[float]]], title: str,
+                            path: str | Path) -> Path:
+    """Overlaid step histograms of per-latent log10 firing density, one per SAE: ``{label: (bin_edges, counts)}``
+    over [-10, 0]. The first bin holds the never-fired latents (log10(0 + 1e-10) = -10); they are not drawn but
+    counted in the legend, and the x-axis spans the bins that hold firing latents."""
+    plt = _plt()
+    fig, ax = plt.subplots(figsize=(7.5, 4.2))
+    lo = 0.0
+    for label, (edges, counts) in histograms.items():
+        edges, counts = list(edges), list(counts)
+        dead = counts[0]
+        ax.stairs(counts[1:], edges[1:], label=f"{label} ({dead} dead, not drawn)", linewidth=1.4)
+        firing = [edges[i] for i in range(1, len(counts)) if counts[i] > 0]
+        if firing:
+            lo = min(lo, firing[0])
+    ax.set_xlim(min(lo - 0.5, -1.0), 0.0)
+    ax.set_xlabel("log10(firing density): fraction of evaluated tokens on which a latent fires")
+    ax.set_ylabel("number of latents")
+    ax.set_title(title)
+    if histograms:
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    return _save(fig, Path(path))
