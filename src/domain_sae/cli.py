@@ -106,6 +106,7 @@ def cmd_eval(ns) -> int:
     values.update(_overrides(ns, C.EvalConfig))
     datasets = ns.datasets or values.pop("datasets", None) or ["chat", "code"]
     values.pop("data", None)
+    given_hook = values.get("hook")
     first = load_sae(ns.saes[0]).cfg.metadata or {}
     for key, meta_key in [("model", "model_name"), ("hook", "hook_name"), ("context_size", "context_size"),
                           ("prepend_bos", "prepend_bos")]:
@@ -113,7 +114,8 @@ def cmd_eval(ns) -> int:
             values[key] = first[meta_key]
     cfg = C.from_dict(C.EvalConfig, values, source=ns.config or "command line")
     out = Path(ns.out or "eval_out")
-    results = eval_matrix([Path(s) for s in ns.saes], datasets, cfg, out_dir=out)
+    # An explicit --hook is enforced (SAEs trained elsewhere are refused); otherwise each SAE uses its own hook.
+    results = eval_matrix([Path(s) for s in ns.saes], datasets, cfg, out_dir=out, hook=given_hook)
     print(f"Wrote {out / 'eval.json'}, {out / 'eval.md'} and heatmaps in {out}")
     return 0 if results is not None else 1
 
