@@ -188,3 +188,16 @@ def test_cli_train_and_clear_errors(tmp_path, tiny_model_dir, capsys):
     assert main(["train", "--lr", "fast"]) == 2
     assert "'lr' got 'fast'" in capsys.readouterr().err
     assert not (tmp_path / "runs" / "x").exists()
+
+
+def test_finetune_keep_optimizer(tmp_path, tiny_lm):
+    parent = pipeline.train(tiny_cfg(tmp_path, run_name="parent", n_checkpoints=0, eval_every=0), lm=tiny_lm,
+                            quiet=True).sae_dir
+    cfg = tiny_cfg(tmp_path, data="code", from_sae=str(parent), run_name="ft", training_tokens=512,
+                   n_checkpoints=0, eval_every=0, keep_optimizer=True)
+    res = pipeline.finetune(cfg, lm=tiny_lm, quiet=True)
+    assert res.summary["steps"] == 2
+    lens = _saelens_dir(tmp_path / "lens", "v6")
+    with pytest.raises(RunDirError, match="optimizer state"):
+        pipeline.finetune(tiny_cfg(tmp_path, from_sae=str(lens), run_name="ft2", keep_optimizer=True,
+                                   eval_every=0), lm=tiny_lm, quiet=True)

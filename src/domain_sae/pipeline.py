@@ -200,6 +200,8 @@ def train(cfg: TrainConfig, *, lm=None, source=None, heldout=None, init_sae=None
     prepare_run_dir(run_dir, cfg)
     try:
         trainer = _make_trainer(run_dir, cfg, *parts, quiet=quiet)
+        if init_sae is not None and cfg.keep_optimizer:
+            _load_parent_optimizer(trainer, cfg.from_sae)
         summary = trainer.train()
     except KeyboardInterrupt:
         write_status(run_dir, "interrupted")
@@ -209,6 +211,20 @@ def train(cfg: TrainConfig, *, lm=None, source=None, heldout=None, init_sae=None
         raise
     write_status(run_dir, "complete")
     return TrainResult(run_dir=run_dir, sae_dir=run_dir / "sae", sae=trainer.final_sae(), summary=summary)
+
+
+def _load_parent_optimizer(trainer, source: Optional[str]) -> None:
+    """``keep_optimizer``: reuse the Adam moments of the parent's final checkpoint (our runs only). The moments were
+    accumulated at the parent's activation scale; with a different scale on the new domain they are approximate."""
+    from .training.checkpoint import latest_checkpoint, load_checkpoint
+    parent = Path(source or "")
+    run_dir = parent.parent if parent.name == "sae" else parent
+    ckpt = latest_checkpoint(run_dir) if (run_dir / CONFIG_FILE).is_file() else None
+    if ckpt is None:
+        raise RunDirError(f"--keep-optimizer needs the parent's optimizer state, but {source} is not the sae/ folder "
+                          f"of a domain-sae run with checkpoints (SAELens directories carry no optimizer state). "
+                          f"Drop --keep-optimizer to start with a fresh Adam.")
+    trainer.optimizer.load_state_dict(load_checkpoint(ckpt).optimizer_state)
 
 
 def _fail(run_dir: Path, e: BaseException) -> None:
