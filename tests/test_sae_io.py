@@ -191,6 +191,30 @@ def test_unfolded_expected_average_scale_is_folded_when_known(tmp_path):
     assert sae.cfg.metadata["activation_scale"] == 4.0
 
 
+def test_saelens_checkpoint_activation_scaler_is_folded(tmp_path):
+    """An intermediate SAELens checkpoint keeps normalize_activations=expected_average_only_in and writes the scale
+    to activation_scaler.json next to the weights; loading folds it so the SAE takes raw activations."""
+    cfg = saelens6_cfg(normalize_activations="expected_average_only_in", apply_b_dec_to_input=True)
+    w = weights(seed=6)
+    write_dir(tmp_path / "ckpt", cfg, w)
+    (tmp_path / "ckpt" / "activation_scaler.json").write_text(json.dumps({"scaling_factor": 2.5,
+                                                                          "has_whitening": False}))
+    sae = load_sae(tmp_path / "ckpt")
+    x = torch.randn(6, D_IN)
+    f_ref, x_hat_ref = reference_forward(w, 2.5 * x, True)
+    torch.testing.assert_close(sae.encode(x).double(), f_ref, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(sae(x).double(), x_hat_ref / 2.5, rtol=1e-5, atol=1e-5)
+    assert sae.cfg.normalize_activations == "none" and sae.cfg.metadata["activation_scale"] == 2.5
+    # an already-folded scaler (null) leaves the weights alone and warns that the scale is unknown
+    (tmp_path / "ckpt" / "activation_scaler.json").write_text(json.dumps({"scaling_factor": None}))
+    with pytest.warns(UserWarning, match="not folded"):
+        unfolded = load_sae(tmp_path / "ckpt")
+    assert torch.equal(unfolded.W_enc, w["W_enc"])
+    (tmp_path / "ckpt" / "activation_scaler.json").write_text("{broken")
+    with pytest.raises(SAEFormatError, match="activation_scaler.json"):
+        load_sae(tmp_path / "ckpt")
+
+
 @pytest.mark.parametrize("cfg", [
     {**saelens6_cfg(), "architecture": "topk", "k": 8},
     {**saelens6_cfg(), "architecture": "jumprelu"},

@@ -87,3 +87,27 @@ def test_round_trip_through_saelens(tmp_path):
         assert torch.equal(getattr(back, k), getattr(ours, k))
     assert back.cfg.metadata["hook_name"] == ours.cfg.metadata["hook_name"]
     assert back.cfg.metadata["training_tokens"] == 12345  # our extra metadata survives SAELens's round trip
+
+
+def test_unfolded_saelens_checkpoint_is_folded_with_its_activation_scaler(tmp_path):
+    """A SAELens intermediate checkpoint (scale not yet folded, written by its ActivationScaler) loads in ours as an
+    SAE that takes raw activations: ours(x) == theirs(s x) / s."""
+    from sae_lens import StandardSAE as LensSAE
+    from sae_lens import StandardSAEConfig
+    from sae_lens.training.activation_scaler import ActivationScaler
+
+    s = 2.5
+    cfg = StandardSAEConfig(d_in=D_IN, d_sae=D_SAE, normalize_activations="expected_average_only_in")
+    theirs = LensSAE(cfg)
+    g = torch.Generator().manual_seed(11)
+    with torch.no_grad():
+        for p in theirs.parameters():
+            p.copy_(torch.randn(p.shape, generator=g) * 0.3)
+    theirs.save_model(str(tmp_path))
+    ActivationScaler(scaling_factor=s).save(str(tmp_path / "activation_scaler.json"))
+    ours = load_sae(tmp_path)
+    assert ours.cfg.normalize_activations == "none"
+    x = torch.randn(10, D_IN)
+    with torch.no_grad():
+        torch.testing.assert_close(ours.encode(x), theirs.encode(s * x), rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(ours(x), theirs(s * x) / s, rtol=1e-5, atol=1e-6)

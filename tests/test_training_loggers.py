@@ -62,5 +62,5 @@ def test_plot_and_summary(tmp_path):
     png = plot_training_curves(recs, tmp_path / "curves.png", title="t")
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     table = summary_table(recs, {"activation scale s": 1.5})
-    assert "| explained variance (`metrics/explained_variance`) | 0.9000 |" in table
+    assert "| explained variance (last training batch) (`metrics/explained_variance`) | 0.9000 |" in table
     assert "CE loss score" in table and "| activation scale s | 1.5 |" in table

