@@ -27,6 +27,8 @@ from typing import Any, Callable, Iterable, Optional
 
 import numpy as np
 import torch
+
+from ..fsync import fsync_dir, fsync_file
 from safetensors import safe_open
 from safetensors.torch import save_file
 
@@ -41,27 +43,6 @@ _DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torc
 
 class CacheError(ActivationSourceError):
     """The activation cache is missing, corrupt, or cannot hold what was asked."""
-
-
-def _fsync_file(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _fsync_dir(path: Path) -> None:
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:  # pragma: no cover - platforms without directory fds
-        return
-    try:
-        os.fsync(fd)
-    except OSError:  # pragma: no cover
-        pass
-    finally:
-        os.close(fd)
 
 
 def read_manifest(path: str | Path) -> dict:
@@ -117,7 +98,7 @@ def build_activation_cache(activation_fn: Callable[[torch.Tensor], torch.Tensor]
             name = f"shard_{len(shards):05d}.safetensors"
             save_file({"activations": acts[:take].contiguous(), "token_ids": ids[:take].contiguous(),
                        "segments": segs[:take].contiguous()}, str(tmp / name))
-            _fsync_file(tmp / name)
+            fsync_file(tmp / name)
             shards.append({"file": name, "n_tokens": int(take)})
             n_written += take
             rest = (acts[take:], ids[take:], segs[take:])
@@ -170,14 +151,14 @@ def build_activation_cache(activation_fn: Callable[[torch.Tensor], torch.Tensor]
                     "n_sequences": int(n_sequences), "dtype": dtype, "exclude_special": bool(exclude_special),
                     "shards": shards, "metadata": dict(metadata or {})}
         (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2))
-        _fsync_file(tmp / MANIFEST)
-        _fsync_dir(tmp)
+        fsync_file(tmp / MANIFEST)
+        fsync_dir(tmp)
         old = None
         if path.exists():
             old = Path(tempfile.mkdtemp(prefix=f"{path.name}.old-", dir=path.parent))
             os.replace(path, old / "cache")
         os.replace(tmp, path)
-        _fsync_dir(path.parent)
+        fsync_dir(path.parent)
         if old is not None:
             shutil.rmtree(old, ignore_errors=True)
     except BaseException:
