@@ -201,3 +201,15 @@ def test_finetune_keep_optimizer(tmp_path, tiny_lm):
     with pytest.raises(RunDirError, match="optimizer state"):
         pipeline.finetune(tiny_cfg(tmp_path, from_sae=str(lens), run_name="ft2", keep_optimizer=True,
                                    eval_every=0), lm=tiny_lm, quiet=True)
+
+
+def test_wandb_offline_run(tmp_path, tiny_lm, monkeypatch):
+    """--wandb with mode offline needs no account and writes a local W&B run with the SPEC keys."""
+    pytest.importorskip("wandb")
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    monkeypatch.setenv("WANDB_DIR", str(tmp_path))
+    cfg = tiny_cfg(tmp_path, training_tokens=1024, n_checkpoints=0, eval_every=0, wandb=True, wandb_mode="offline")
+    res = pipeline.train(cfg, lm=tiny_lm, quiet=True)
+    runs = list(res.run_dir.rglob("offline-run-*"))
+    assert runs, "no offline W&B run directory was written"
+    assert any(p.suffix == ".wandb" for p in runs[0].rglob("*"))
