@@ -6,7 +6,7 @@ BIN    := $(VENV)/bin
 PIP    := $(BIN)/pip install --disable-pip-version-check -q -c constraints.txt
 STAMP  := $(VENV)/.installed
 
-.PHONY: setup demo demo-quick test test-slow test-saelens test-browser bench clean
+.PHONY: setup demo demo-quick test test-slow test-saelens bench bench-saelens clean
 
 $(STAMP): pyproject.toml constraints.txt Makefile
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -45,6 +45,9 @@ $(SL_STAMP): pyproject.toml constraints.txt Makefile
 
 test-saelens: $(SL_STAMP)
 	$(SL_BIN)/python -m pytest -q -m saelens tests/test_saelens_interop.py
+
+bench-saelens: $(SL_STAMP)
+	$(SL_BIN)/python benchmarks/bench_vs_saelens.py
 
 bench: setup
 	$(BIN)/python benchmarks/bench_train.py
