@@ -18,9 +18,6 @@ the live store's refill / shuffle / state logic; its cursor counts cache positio
 from __future__ import annotations
 
 import json
-import os
-import shutil
-import tempfile
 import warnings
 from pathlib import Path
 from typing import Any, Callable, Iterable, Optional
@@ -28,7 +25,7 @@ from typing import Any, Callable, Iterable, Optional
 import numpy as np
 import torch
 
-from ..fsync import fsync_dir, fsync_file
+from ..atomic import atomic_directory
 from safetensors import safe_open
 from safetensors.torch import save_file
 
@@ -83,8 +80,7 @@ def build_activation_cache(activation_fn: Callable[[torch.Tensor], torch.Tensor]
         raise CacheError(f"{path} already exists; choose another path or pass overwrite=True to replace it.")
     torch_dtype = _DTYPES[dtype]
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f"{path.name}.tmp-", dir=path.parent))
-    try:
+    with atomic_directory(path) as tmp:  # a crash leaves the previous cache (or none), never half of one
         shards: list[dict] = []
         pending: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = []
         n_pending = n_written = n_sequences = 0
@@ -98,7 +94,6 @@ def build_activation_cache(activation_fn: Callable[[torch.Tensor], torch.Tensor]
             name = f"shard_{len(shards):05d}.safetensors"
             save_file({"activations": acts[:take].contiguous(), "token_ids": ids[:take].contiguous(),
                        "segments": segs[:take].contiguous()}, str(tmp / name))
-            fsync_file(tmp / name)
             shards.append({"file": name, "n_tokens": int(take)})
             n_written += take
             rest = (acts[take:], ids[take:], segs[take:])
@@ -151,19 +146,6 @@ def build_activation_cache(activation_fn: Callable[[torch.Tensor], torch.Tensor]
                     "n_sequences": int(n_sequences), "dtype": dtype, "exclude_special": bool(exclude_special),
                     "shards": shards, "metadata": dict(metadata or {})}
         (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2))
-        fsync_file(tmp / MANIFEST)
-        fsync_dir(tmp)
-        old = None
-        if path.exists():
-            old = Path(tempfile.mkdtemp(prefix=f"{path.name}.old-", dir=path.parent))
-            os.replace(path, old / "cache")
-        os.replace(tmp, path)
-        fsync_dir(path.parent)
-        if old is not None:
-            shutil.rmtree(old, ignore_errors=True)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return path
 
 

@@ -24,17 +24,16 @@ import random
 import re
 import shutil
 import tempfile
-from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Iterator, Optional
+from typing import Callable, Optional
 
 import numpy as np
 import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-from ..fsync import fsync_dir, fsync_tree
+from ..atomic import atomic_directory
 from ..errors import UserError
 
 __all__ = [
@@ -70,27 +69,6 @@ class TrainingCheckpoint:
 # -- filesystem helpers ----------------------------------------------------------------------------------------------
 
 
-@contextmanager
-def atomic_directory(path: str | Path) -> Iterator[Path]:
-    """Yield a temporary directory next to ``path``; on normal exit fsync it and rename it to ``path`` (replacing
-    an existing one), on an exception delete it. ``path`` is therefore always absent, old or complete."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f"{path.name}.tmp-", dir=path.parent))
-    try:
-        yield tmp
-        fsync_tree(tmp)
-        old = None
-        if path.exists():
-            old = Path(tempfile.mkdtemp(prefix=f"{path.name}.old-", dir=path.parent))
-            os.replace(path, old / path.name)
-        os.replace(tmp, path)
-        fsync_dir(path.parent)
-        if old is not None:
-            shutil.rmtree(old, ignore_errors=True)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
 
 
 def remove_checkpoint(path: str | Path) -> None:
