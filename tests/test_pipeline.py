@@ -213,3 +213,21 @@ def test_wandb_offline_run(tmp_path, tiny_lm, monkeypatch):
     runs = list(res.run_dir.rglob("offline-run-*"))
     assert runs, "no offline W&B run directory was written"
     assert any(p.suffix == ".wandb" for p in runs[0].rglob("*"))
+
+
+def test_cli_eval_uses_the_training_split(tmp_path, tiny_model_dir, capsys):
+    run_args = ["train", "--model", str(tiny_model_dir), "--hook", HOOK, "--data", "chat", "--max-rows", "200",
+                "--context-size", "32", "--training-tokens", "512", "--train-batch-size-tokens", "256",
+                "--buffer-size-tokens", "512", "--eval-every", "0", "--holdout-fraction", "0.2",
+                "--output-dir", str(tmp_path / "runs"), "--run-name", "r"]
+    assert main(run_args) == 0
+    sae_dir = tmp_path / "runs" / "r" / "sae"
+    meta = json.loads((sae_dir / "cfg.json").read_text())["metadata"]
+    assert meta["holdout_fraction"] == 0.2 and meta["context_size"] == 32
+    out = tmp_path / "eval"
+    assert main(["eval", str(sae_dir), "--data", "chat", "--tokens", "64", "--out", str(out)]) == 0
+    report = json.loads((out / "eval.json").read_text())
+    assert "0.2" in json.dumps(report["config"]) and (out / "eval.md").is_file()
+    assert main(["eval", str(sae_dir), "--data", "chat", "--hook", "blocks.0.hook_mlp_out", "--out",
+                 str(tmp_path / "e2")]) == 2
+    assert "error:" in capsys.readouterr().err

@@ -108,8 +108,9 @@ def cmd_eval(ns) -> int:
     values.pop("data", None)
     given_hook = values.get("hook")
     first = load_sae(ns.saes[0]).cfg.metadata or {}
+    # Defaults from the SAE's training run, so that "held-out" means the split that run set aside.
     for key, meta_key in [("model", "model_name"), ("hook", "hook_name"), ("context_size", "context_size"),
-                          ("prepend_bos", "prepend_bos")]:
+                          ("prepend_bos", "prepend_bos"), ("holdout_fraction", "holdout_fraction")]:
         if values.get(key) is None and first.get(meta_key) is not None:
             values[key] = first[meta_key]
     cfg = C.from_dict(C.EvalConfig, values, source=ns.config or "command line")

@@ -167,7 +167,8 @@ def new_sae(cfg: TrainConfig, d_in: int, metadata: dict):
 def sae_metadata(cfg: TrainConfig, lm_name: str) -> dict:
     return {"model_name": lm_name, "hook_name": cfg.hook, "context_size": cfg.context_size,
             "prepend_bos": cfg.prepend_bos, "dataset_path": cfg.data, "training_tokens": cfg.training_tokens,
-            "exclude_special_tokens": cfg.exclude_special_tokens, "seed": cfg.seed}
+            "exclude_special_tokens": cfg.exclude_special_tokens, "holdout_fraction": cfg.holdout_fraction,
+            "max_rows": cfg.max_rows, "seed": cfg.seed}
 
 
 # --------------------------------------------------------------------------------------------------------------------
