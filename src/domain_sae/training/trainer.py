@@ -30,6 +30,7 @@ from typing import Any, Callable, Iterable, Optional
 import torch
 
 from ..activations.store import SourceExhaustedError
+from ..evaluation.metrics import ReconstructionAccumulator
 from . import checkpoint as ckpt
 from .loggers import METRICS_FILE, JSONLLogger, Logger, MultiLogger
 from .plots import last_values, plot_training_curves, summary_table
@@ -78,21 +79,15 @@ def normalize_decoder_rows(W_dec: torch.Tensor) -> None:
 
 @torch.no_grad()
 def batch_metrics(x: torch.Tensor, x_hat: torch.Tensor, f: torch.Tensor) -> dict[str, float]:
-    """Explained variance, its per-token std and L0 of one batch (SPEC 3), in float64, with the same definitions
-    as ``evaluation.metrics.ReconstructionAccumulator`` (training may not import evaluation, which sits below it):
+    """Explained variance, its per-token std and L0 of one batch (SPEC 3), computed by the same float64
+    :class:`~domain_sae.evaluation.metrics.ReconstructionAccumulator` that ``dsae eval`` uses:
 
     EV = 1 - sum_t ||x_t - x_hat_t||^2 / sum_t ||x_t - mean(x)||^2;
-    EV_std = population std (ddof 0) over tokens with ||x_t - mean(x)|| > 0 of 1 - ||x_t - x_hat_t||^2 /
-    ||x_t - mean(x)||^2;  L0 = mean_t #{i : f_t,i > 0}."""
-    x64, xh64 = x.double(), x_hat.double()
-    err = (x64 - xh64).pow(2).sum(-1)
-    var = (x64 - x64.mean(0, keepdim=True)).pow(2).sum(-1)
-    ok = var > 0
-    per_token = 1.0 - err[ok] / var[ok]
-    total_var = var.sum()
-    return {"metrics/explained_variance": float(1.0 - err.sum() / total_var) if total_var > 0 else float("nan"),
-            "metrics/explained_variance_std": float(per_token.std(correction=0)) if per_token.numel() else 0.0,
-            "metrics/l0": float((f > 0).sum(-1).double().mean())}
+    EV_std = population std over tokens of 1 - ||x_t - x_hat_t||^2 / ||x_t - mean(x)||^2;  L0 = mean_t #{i : f_t,i > 0}."""
+    acc = ReconstructionAccumulator(x.shape[-1], f.shape[-1])
+    acc.update(x, x_hat, f)
+    m = acc.compute()
+    return {k: m[k] for k in ("metrics/explained_variance", "metrics/explained_variance_std", "metrics/l0")}
 
 
 class Trainer:
