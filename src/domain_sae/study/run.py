@@ -18,7 +18,6 @@
 
 from __future__ import annotations
 
-import contextlib
 import math
 import shutil
 import time
@@ -125,11 +124,9 @@ class Study:
         seed = cfg.seed if seed is None else seed
         tcfg = self._train_cfg(data=data, tokens=tokens, seed=seed, lr=cfg.finetune_lr if parent else cfg.lr,
                                name=name.replace(" ", "_").replace("→", "_to_").replace("(", "").replace(")", ""))
-        log_file = self.out / "saes" / "training_log.txt"
-        log_file.parent.mkdir(parents=True, exist_ok=True)
         t = time.monotonic()
-        with open(log_file, "a") as fh, contextlib.redirect_stdout(fh):  # per-run summary tables go to the log
-            res = pipeline.train(tcfg, lm=self.lm, source=self._source(domain, seed), init_sae=parent)
+        # quiet: no per-run progress line or printed table (each run still writes summary.md in its directory)
+        res = pipeline.train(tcfg, lm=self.lm, source=self._source(domain, seed), init_sae=parent, quiet=True)
         self.log(f"[study]   {name}: {tokens:,} tokens in {time.monotonic() - t:.0f} s"
                  + (" (fine-tuned from general)" if parent is not None else ""))
         if not self.keep_saes:
@@ -353,7 +350,7 @@ class Study:
         cfg = self.cfg
         a_label, b_label = cfg.prompt_labels
         with self.stage("directions", f"difference of means: {cfg.n_prompts} {a_label} vs {cfg.n_prompts} "
-                                      f"{b_label}") as rec:
+                                      f"{b_label}"):
             a, b = prompt_sets(cfg)
             if len(a) < 2 or len(b) < 2:
                 raise StudyError(f"The prompt sets hold {len(a)} and {len(b)} prompts; each needs at least 2 "
