@@ -473,7 +473,7 @@ def _blocks(res: dict, figs: dict[str, Path]) -> list[tuple]:
     model = res["model"]
     B.append(("p", f"Model {model['name']} at {model['hook']} (d_in {model.get('d_in')}, d_sae {model.get('d_sae')}). "
                    f"Domains: " + ", ".join(f"{d} = {cfg['domains'][d]}" for d in res["domains"])
-              + f"; general = equal shares of every domain."))
+              + "; general = equal shares of every domain."))
 
     B.append(("h2", "SAEs"))
     B.append(("table", ["SAE", "kind", "training tokens", "total tokens (incl. parent)", "seed"],
@@ -493,7 +493,7 @@ def _blocks(res: dict, figs: dict[str, Path]) -> list[tuple]:
                              (L0, "L0 (active latents per token)", "{:.1f}"),
                              ("sparsity/dead_fraction", "dead fraction (never fired on the set)", "{:.3f}")]:
         rows = [[s] + [f3(res["matrix"][s].get(d, {}).get(key), spec) for d in sets] for s in saes]
-        rows.append([f"seed-to-seed spread"] + [f3(matrix_spread(res, d, key), "{:.3f}") for d in sets])
+        rows.append(["seed-to-seed spread"] + [f3(matrix_spread(res, d, key), "{:.3f}") for d in sets])
         B += [("p", f"**{label}**"), ("table", ["SAE"] + [f"{d} held-out" for d in sets], rows)]
     clean = [f"{d} {f3(_m(res, GENERAL, d, 'metrics/ce_loss_without_sae'))} / "
              f"{f3(_m(res, GENERAL, d, 'metrics/ce_loss_with_ablation'))}" for d in sets]
