@@ -62,3 +62,24 @@ def atomic_directory(path: str | Path) -> Iterator[Path]:
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+def is_leftover(name: str) -> bool:
+    """True for the names :func:`atomic_directory` gives its temporary and superseded directories."""
+    return ".tmp-" in name or ".old-" in name
+
+
+def remove_leftovers(directory: str | Path) -> list[Path]:
+    """Delete what interrupted :func:`atomic_directory` writes left directly in ``directory`` (``NAME.tmp-*``,
+    ``NAME.old-*``); returns what was removed."""
+    d = Path(directory)
+    removed = []
+    if d.is_dir():
+        for p in d.iterdir():
+            if is_leftover(p.name):
+                if p.is_dir() and not p.is_symlink():
+                    shutil.rmtree(p, ignore_errors=True)
+                else:
+                    p.unlink(missing_ok=True)
+                removed.append(p)
+    return removed

@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Optional
 
 from . import config as C
+from .outdirs import check_output_dir, prepare_output_dir
 
 
 def _env_defaults() -> None:
@@ -27,6 +28,40 @@ def _env_defaults() -> None:
 def _overrides(ns: argparse.Namespace, cls) -> dict:
     names = {f for f in cls.__dataclass_fields__}
     return {k: v for k, v in vars(ns).items() if k in names and v is not None}
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse without prefix matching (``--training-tok`` is not ``--training-tokens``) and with "did you
+    mean" suggestions for unknown options."""
+
+    def __init__(self, *args, **kwargs):
+        kwargs.setdefault("allow_abbrev", False)
+        super().__init__(*args, **kwargs)
+
+    def parse_args(self, args=None, namespace=None):
+        ns, extras = self.parse_known_args(args, namespace)
+        if extras:
+            sub = self._command_parser(getattr(ns, "command", None))
+            self.error(_unknown_message(extras, sub or self, getattr(ns, "command", None)))
+        return ns
+
+    def _command_parser(self, command):
+        for action in self._actions:
+            if isinstance(action, argparse._SubParsersAction) and command in action.choices:
+                return action.choices[command]
+        return None
+
+
+def _unknown_message(extras: list[str], parser: argparse.ArgumentParser, command: Optional[str]) -> str:
+    import difflib
+    known = [o for a in parser._actions for o in a.option_strings if o.startswith("--")]
+    flags = [e.split("=", 1)[0] for e in extras if e.startswith("-")]
+    parts = []
+    for flag in flags or extras[:1]:
+        close = difflib.get_close_matches(flag, known, n=3, cutoff=0.6)
+        parts.append(f"{flag!r}" + (f" (did you mean {', '.join(close)}?)" if close else ""))
+    return (f"unrecognized argument{'s' if len(parts) > 1 else ''} {', '.join(parts)}. Options must be spelled out "
+            f"in full; run `dsae {command or ''} --help`".replace("  ", " ") + " for the list.")
 
 
 def _train_parser(sub, name: str, help_: str, *, finetune: bool):
@@ -42,7 +77,7 @@ def _train_parser(sub, name: str, help_: str, *, finetune: bool):
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="dsae", description="Train, fine-tune, evaluate and compare sparse "
+    parser = _Parser(prog="dsae", description="Train, fine-tune, evaluate and compare sparse "
                                      "autoencoders on domain-specific language-model activations.")
     sub = parser.add_subparsers(dest="command", required=True)
     _train_parser(sub, "train", "Train an SAE on a hook point of a language model.", finetune=False)
@@ -101,12 +136,17 @@ def cmd_finetune(ns) -> int:
 
 def cmd_eval(ns) -> int:
     from .evaluation.runner import eval_matrix
+    from .pipeline import check_sae_source
     from .sae.io import load_sae
     values = C.load_config_file(ns.config) if ns.config else {}
     values.update(_overrides(ns, C.EvalConfig))
     datasets = ns.datasets or values.pop("datasets", None) or ["chat", "code"]
     values.pop("data", None)
     given_hook = values.get("hook")
+    out = Path(ns.out or "eval_out")
+    check_output_dir(out, "eval", option="--out")  # before any SAE or model is loaded
+    for s in ns.saes:
+        check_sae_source(s)
     first = load_sae(ns.saes[0]).cfg.metadata or {}
     # Defaults from the SAE's training run, so that "held-out" means the split that run set aside.
     for key, meta_key in [("model", "model_name"), ("hook", "hook_name"), ("context_size", "context_size"),
@@ -114,7 +154,7 @@ def cmd_eval(ns) -> int:
         if values.get(key) is None and first.get(meta_key) is not None:
             values[key] = first[meta_key]
     cfg = C.from_dict(C.EvalConfig, values, source=ns.config or "command line")
-    out = Path(ns.out or "eval_out")
+    C.check_finite_floats(cfg)
     # An explicit --hook is enforced (SAEs trained elsewhere are refused); otherwise each SAE uses its own hook.
     results = eval_matrix([Path(s) for s in ns.saes], datasets, cfg, out_dir=out, hook=given_hook)
     print(f"Wrote {out / 'eval.json'}, {out / 'eval.md'} and heatmaps in {out}")
@@ -125,7 +165,7 @@ def cmd_compare(ns) -> int:
     from .study.config import load_study_config
     from .study.run import estimate_minutes, run_study
     cfg = load_study_config(ns.study_config)
-    out = Path(ns.out) if ns.out else None
+    out = prepare_output_dir(Path(ns.out or cfg.output_dir), "study", option="--out")
     print(f"Estimated time: about {estimate_minutes(cfg):.0f} minutes on this machine.", flush=True)
     results = run_study(cfg, out)
     print(f"Report: {results.get('report_html', out)}")
@@ -138,7 +178,8 @@ def cmd_demo(ns) -> int:
     name = "study_quick.yaml" if ns.quick else "study_demo.yaml"
     path = _bundled_config(name)
     cfg = load_study_config(path)
-    out = Path(ns.out or ("demo_out/quick" if ns.quick else "demo_out/full"))
+    out = prepare_output_dir(Path(ns.out or ("demo_out/quick" if ns.quick else "demo_out/full")), "study",
+                             option="--out")
     print(f"dsae demo{' --quick' if ns.quick else ''}: {path}; estimated time: about {estimate_minutes(cfg):.0f} "
           f"minutes on this machine.", flush=True)
     results = run_study(cfg, out)
@@ -169,7 +210,10 @@ COMMANDS = {"train": cmd_train, "finetune": cmd_finetune, "eval": cmd_eval, "com
 
 def main(argv: Optional[list[str]] = None) -> int:
     _env_defaults()
-    ns = build_parser().parse_args(argv)
+    try:
+        ns = build_parser().parse_args(argv)
+    except SystemExit as e:  # --help (0) or a usage error (2), already printed by argparse
+        return e.code if isinstance(e.code, int) else 2
     from .errors import user_error_types
     try:
         return COMMANDS[ns.command](ns)

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import types
 import typing
 from dataclasses import dataclass, field
@@ -173,9 +174,29 @@ class TrainConfig(DataConfig, SAEConfig):
              f"buffer_size_tokens ({self.buffer_size_tokens}) is smaller than one batch "
              f"(train_batch_size_tokens={self.train_batch_size_tokens}); set buffer_size_tokens to at least "
              f"{self.train_batch_size_tokens} (a few times more shuffles better).")
-        need(0.0 <= self.holdout_fraction < 1.0, "holdout_fraction must be in [0, 1).")
-        need(self.lr > 0, "lr must be positive.")
-        need(self.l1_coefficient >= 0, "l1_coefficient must be >= 0.")
+        check_finite_floats(self)
+        if self.run_name is not None:
+            from .outdirs import OutputDirError, safe_component
+            try:
+                safe_component(self.run_name, "run_name")
+            except OutputDirError as e:
+                raise ConfigError(str(e)) from None
+        need(0.0 <= self.holdout_fraction < 1.0, "holdout_fraction must be in [0, 1) (the fraction of documents "
+             f"held out); got {self.holdout_fraction}.")
+        need(self.lr > 0, f"lr must be positive (got {self.lr}); typical SAE learning rates are 1e-4 to 1e-3.")
+        need(self.lr_end is None or self.lr_end >= 0, f"lr_end must be >= 0 (got {self.lr_end}).")
+        need(self.l1_coefficient >= 0, f"l1_coefficient must be >= 0 (got {self.l1_coefficient}).")
+        for name in ("adam_beta1", "adam_beta2"):
+            need(0.0 <= getattr(self, name) < 1.0, f"{name} must be in [0, 1) (got {getattr(self, name)}); the "
+                 f"usual values are adam_beta1 0.9 and adam_beta2 0.999.")
+        need(self.grad_clip_norm >= 0, f"grad_clip_norm must be >= 0 (0 disables clipping; got "
+             f"{self.grad_clip_norm}).")
+        need(self.decoder_init_norm > 0, f"decoder_init_norm must be positive (got {self.decoder_init_norm}).")
+        need(0.0 <= self.dead_feature_threshold <= 1.0, "dead_feature_threshold is a firing density and must be "
+             f"in [0, 1] (got {self.dead_feature_threshold}).")
+        need(self.resume_checkpoint_minutes >= 0, "resume_checkpoint_minutes must be >= 0 (0 disables; got "
+             f"{self.resume_checkpoint_minutes}).")
+        need(self.n_checkpoints >= 0, f"n_checkpoints must be >= 0 (got {self.n_checkpoints}).")
         need(self.lp_norm > 0, "lp_norm must be positive.")
         need(self.d_sae is None or self.d_sae > 0, "d_sae must be positive.")
         need(self.expansion_factor > 0, "expansion_factor must be positive.")
@@ -207,6 +228,15 @@ class EvalConfig(DataConfig):
     seed: int = opt(0, "Seed for sampling external evaluation files.", group="eval")
     mean_ablation: bool = opt(False, "Also report CE/KL with the hook replaced by its mean (a second baseline).",
                               group="eval")
+
+
+def check_finite_floats(cfg) -> None:
+    """ConfigError for any float option (or float in a list option) of ``cfg`` that is inf or nan."""
+    for f in dataclasses.fields(cfg):
+        value = getattr(cfg, f.name)
+        for v in (value if isinstance(value, (list, tuple)) else [value]):
+            if isinstance(v, float) and not math.isfinite(v):
+                raise ConfigError(f"Option '{f.name}' is {v}; it must be a finite number (not inf or nan).")
 
 
 # ------------------------------------------------------------------------------------------------------------------
@@ -288,11 +318,16 @@ def coerce(name: str, tp, value):
         if base is float:
             if isinstance(value, bool):
                 raise ValueError
-            return float(value)
+            v = float(value)
+            if not math.isfinite(v):
+                raise ConfigError(f"Option '{name}' got {value!r}; it must be a finite number (not inf or nan).")
+            return v
         if base is str:
             if isinstance(value, (dict, list)):
                 raise ValueError
             return str(value)
+    except ConfigError:
+        raise
     except (ValueError, TypeError):
         raise ConfigError(f"Option '{name}' got {value!r}; expected {_type_name(tp)}.") from None
     return value

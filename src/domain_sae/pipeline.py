@@ -18,16 +18,21 @@ from __future__ import annotations
 import copy
 import json
 import math
+import os
 import re
 import shutil
+import socket
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional
 
 import torch
 
+from .atomic import remove_leftovers
 from .config import ConfigError, TrainConfig, from_dict, to_dict
 from .errors import RunDirError
+from .outdirs import check_not_file, check_output_dir, write_marker
 
 CONFIG_FILE = "training_config.json"
 STATUS_FILE = "status.json"
@@ -62,43 +67,112 @@ def _identity(cfg_dict: dict) -> dict:
 
 def read_status(run_dir: Path) -> dict:
     p = Path(run_dir) / STATUS_FILE
-    return json.loads(p.read_text()) if p.is_file() else {}
+    try:
+        return json.loads(p.read_text()) if p.is_file() else {}
+    except (ValueError, OSError):
+        return {}
 
 
 def write_status(run_dir: Path, state: str, **extra) -> None:
+    """status.json = {"state", "pid", "host", ...}: the process that last wrote it, so that a run whose process
+    died is not reported as running."""
     p = Path(run_dir) / STATUS_FILE
     tmp = p.with_suffix(".tmp")
-    tmp.write_text(json.dumps({"state": state, **extra}, indent=2))
+    tmp.write_text(json.dumps({"state": state, "pid": os.getpid(), "host": socket.gethostname(), **extra},
+                              indent=2))
     tmp.replace(p)
 
 
-def prepare_run_dir(run_dir: Path, cfg: TrainConfig) -> None:
-    """Create ``run_dir`` for a new run, refusing to clobber a different run unless ``cfg.overwrite``."""
+def process_alive(status: dict) -> Optional[bool]:
+    """Whether the process recorded in a "running" status still runs: True/False on this host, None when it
+    cannot be told (another host). A status other than "running", or without a pid (older runs), gives False."""
+    pid, host = status.get("pid"), status.get("host")
+    if status.get("state") != "running" or not isinstance(pid, int):
+        return False
+    if host != socket.gethostname():
+        return None
+    if pid == os.getpid():
+        return False  # this process is not training there now: it is the one asking
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def _running_error(run_dir: Path, status: dict, alive: Optional[bool]) -> RunDirError:
+    where = f"process {status.get('pid')} on host {status.get('host')}"
+    if alive:
+        return RunDirError(f"Run {run_dir} is being trained right now by {where}. Wait for it to finish, or stop "
+                           f"it (Ctrl-C writes a checkpoint) and continue with `dsae train --resume {run_dir}`.")
+    return RunDirError(f"Run {run_dir} is marked running by {where}, which cannot be checked from this host. If "
+                       f"that process is gone, continue with `dsae train --resume {run_dir}` (or pass --overwrite "
+                       f"to start it again).")
+
+
+def check_run_dir(run_dir: Path, cfg: TrainConfig) -> str:
+    """What :func:`prepare_run_dir` would do with ``run_dir``, raising RunDirError/OutputDirError when it must
+    refuse; creates nothing. Returns "new" (absent or empty), "replace" (a run, with --overwrite) or "restart"
+    (the same run, stopped before its first checkpoint and no longer running: it simply starts again)."""
+    from .training.checkpoint import latest_checkpoint
     run_dir = Path(run_dir)
-    if run_dir.exists() and any(run_dir.iterdir()):
-        old_cfg_path = run_dir / CONFIG_FILE
-        if cfg.overwrite:
-            shutil.rmtree(run_dir)
-        elif not old_cfg_path.is_file():
-            raise RunDirError(f"Output directory {run_dir} is not empty and holds no domain-sae run. Choose another "
-                              f"--run-name / --output-dir, or pass --overwrite to replace its contents.")
-        else:
-            old = json.loads(old_cfg_path.read_text())
-            state = read_status(run_dir).get("state", "unknown")
-            if _identity(old) != _identity(to_dict(cfg)):
-                diff = sorted(k for k in set(old) | set(to_dict(cfg))
-                              if k not in _NON_IDENTITY_OPTIONS and old.get(k) != to_dict(cfg).get(k))
-                raise RunDirError(f"Output directory {run_dir} already holds a different run (options that differ: "
-                                  f"{', '.join(diff[:8])}). Pass --overwrite to replace it, or choose another "
-                                  f"--run-name.")
-            if state == "complete":
-                raise RunDirError(f"Run {run_dir} is already complete (SAE in {run_dir / 'sae'}). Pass --overwrite to "
-                                  f"train it again.")
-            raise RunDirError(f"Run {run_dir} exists and is {state}; continue it with `dsae train --resume {run_dir}` "
-                              f"or pass --overwrite to start again.")
+    state = check_output_dir(run_dir, "run", overwrite=cfg.overwrite, option="--output-dir/--run-name")
+    if state != "ours":
+        return "new"
+    if cfg.overwrite:
+        return "replace"
+    old_cfg_path = run_dir / CONFIG_FILE
+    if not old_cfg_path.is_file():
+        return "restart"  # killed between writing the marker and the config: nothing was trained
+    try:
+        old = json.loads(old_cfg_path.read_text())
+    except ValueError:
+        raise RunDirError(f"Run {run_dir} has a corrupt {CONFIG_FILE}; pass --overwrite to replace the run, or "
+                          f"choose another --run-name.") from None
+    new = to_dict(cfg)
+    if _identity(old) != _identity(new):
+        diff = sorted(k for k in set(old) | set(new) if k not in _NON_IDENTITY_OPTIONS and old.get(k) != new.get(k))
+        raise RunDirError(f"Output directory {run_dir} already holds a different run (options that differ: "
+                          f"{', '.join(diff[:8])}). Pass --overwrite to replace that run, or choose another "
+                          f"--run-name.")
+    status = read_status(run_dir)
+    if status.get("state") == "complete":
+        raise RunDirError(f"Run {run_dir} is already complete (SAE in {run_dir / 'sae'}). Pass --overwrite to train "
+                          f"it again.")
+    alive = process_alive(status)
+    if alive is not False:
+        raise _running_error(run_dir, status, alive)
+    ckpt = latest_checkpoint(run_dir)
+    if ckpt is None:
+        return "restart"
+    raise RunDirError(f"Run {run_dir} already exists and was stopped (state {status.get('state', 'unknown')}, last "
+                      f"checkpoint {ckpt.name}). Continue it with `dsae train --resume {run_dir}`, or pass "
+                      f"--overwrite to start it again from step 0.")
+
+
+def prepare_run_dir(run_dir: Path, cfg: TrainConfig) -> None:
+    """Create ``run_dir`` for a new run (see :func:`check_run_dir`: only a domain-sae run is ever replaced, and
+    only with ``cfg.overwrite``), write the marker, the config and a "running" status."""
+    run_dir = Path(run_dir)
+    if check_run_dir(run_dir, cfg) == "replace":
+        shutil.rmtree(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
+    write_marker(run_dir, "run")
+    remove_temporaries(run_dir)
     (run_dir / CONFIG_FILE).write_text(json.dumps(to_dict(cfg), indent=2))
     write_status(run_dir, "running")
+
+
+def remove_temporaries(run_dir: Path) -> None:
+    """Delete what interrupted atomic writes left in the run directory and its checkpoints/ (``*.tmp-*``,
+    ``*.old-*``, e.g. ``sae.tmp-*`` from a kill during the final save) and a half-written status."""
+    from .training.checkpoint import cleanup_incomplete
+    run_dir = Path(run_dir)
+    remove_leftovers(run_dir)
+    cleanup_incomplete(run_dir)
+    (run_dir / STATUS_FILE).with_suffix(".tmp").unlink(missing_ok=True)
 
 
 def load_run_config(run_dir: Path) -> TrainConfig:
@@ -184,6 +258,11 @@ def train(cfg: TrainConfig, *, lm=None, source=None, heldout=None, init_sae=None
     cfg.validate()
     from .models.hooks import hook_d_in, resolve_hook
 
+    # Output locations are checked before the model loads (a bad --output-dir / --run-name fails in a second).
+    if run_dir is not None or cfg.run_name:
+        check_run_dir(Path(run_dir) if run_dir else Path(cfg.output_dir) / cfg.run_name, cfg)
+    else:
+        check_not_file(cfg.output_dir, "--output-dir")
     lm = lm or load_lm(cfg)
     hook = resolve_hook(lm.model, cfg.hook)
     d_in = hook_d_in(lm.model, hook)
@@ -210,6 +289,7 @@ def train(cfg: TrainConfig, *, lm=None, source=None, heldout=None, init_sae=None
     except BaseException as e:
         _fail(run_dir, e)
         raise
+    remove_temporaries(run_dir)
     write_status(run_dir, "complete")
     return TrainResult(run_dir=run_dir, sae_dir=run_dir / "sae", sae=trainer.final_sae(), summary=summary)
 
@@ -300,13 +380,23 @@ def resume(run_dir: Path, *, lm=None, source=None, evaluator=None) -> TrainResul
     from .training.checkpoint import latest_checkpoint
 
     run_dir = Path(run_dir)
+    if run_dir.is_file():
+        raise RunDirError(f"{run_dir} is a file, not a run directory; pass the run's directory to --resume.")
     cfg = load_run_config(run_dir)
-    if read_status(run_dir).get("state") == "complete":
+    status = read_status(run_dir)
+    if status.get("state") == "complete":
         raise RunDirError(f"Run {run_dir} is already complete; nothing to resume (its SAE is in {run_dir / 'sae'}).")
+    alive = process_alive(status)
+    if alive is not False:
+        raise _running_error(run_dir, status, alive)
     ckpt = latest_checkpoint(run_dir)
-    if ckpt is None:
-        raise RunDirError(f"Run {run_dir} has no checkpoint to resume from (it was stopped before the first one). "
-                          f"Start it again with --overwrite.")
+    if ckpt is None:  # stopped before its first checkpoint: nothing to continue, so it simply starts again
+        print(f"Run {run_dir} stopped before its first checkpoint; starting it again from step 0 with its saved "
+              f"options.", file=sys.stderr, flush=True)
+        cfg.overwrite = False
+        again = finetune if cfg.from_sae else train
+        return again(cfg, lm=lm, source=source, evaluator=evaluator, run_dir=run_dir)
+    remove_temporaries(run_dir)
     lm = lm or load_lm(cfg)
     hook = resolve_hook(lm.model, cfg.hook)
     d_in = hook_d_in(lm.model, hook)
@@ -326,6 +416,7 @@ def resume(run_dir: Path, *, lm=None, source=None, evaluator=None) -> TrainResul
     except BaseException as e:
         write_status(run_dir, "failed", error=f"{type(e).__name__}: {e}")
         raise
+    remove_temporaries(run_dir)
     write_status(run_dir, "complete")
     return TrainResult(run_dir=run_dir, sae_dir=run_dir / "sae", sae=trainer.final_sae(), summary=summary)
 
@@ -336,6 +427,24 @@ def finetune(cfg: TrainConfig, **kwargs) -> TrainResult:
         raise ConfigError("dsae finetune needs --from SOURCE (an SAE directory, a SAELens directory, or a SAELens "
                           "release/sae_id).")
     from .sae.io import load_sae
+    check_sae_source(cfg.from_sae)
     parent = load_sae(cfg.from_sae)
     parent.cfg.metadata = {**(parent.cfg.metadata or {}), "source_path": cfg.from_sae}
     return train(cfg, init_sae=parent, **kwargs)
+
+
+def check_sae_source(source: str) -> None:
+    """Refuse an SAE source that was meant as a local path but does not exist, before it is taken for a SAELens
+    ``RELEASE/SAE_ID``: a string that starts like a path, or whose first component exists here (``runs/typo/sae``
+    when ``runs/`` exists)."""
+    from .sae.io import SAEFormatError
+    s = str(source)
+    if s.startswith("hf://") or Path(s).expanduser().exists():
+        return
+    first = Path(s).parts[0] if Path(s).parts else s
+    meant_as_path = s.startswith((".", "/", "~")) or ("/" in s and Path(first).exists())
+    if meant_as_path:
+        existing = next((q for q in Path(s).parents if q != Path(".") and q.exists()), None)
+        hint = f" ({existing} exists, but nothing below it by that name)" if existing is not None else ""
+        raise SAEFormatError(f"The SAE path {s} does not exist{hint}. Check the path (an SAE directory or a run "
+                             f"directory, e.g. runs/NAME/sae); a SAELens release is written RELEASE/SAE_ID.")

@@ -26,6 +26,7 @@ import numpy as np
 import torch
 
 from ..atomic import atomic_directory
+from ..outdirs import check_output_dir, write_marker
 from safetensors import safe_open
 from safetensors.torch import save_file
 
@@ -76,8 +77,11 @@ def build_activation_cache(activation_fn: Callable[[torch.Tensor], torch.Tensor]
         raise CacheError(f"dtype must be one of {sorted(_DTYPES)} (got {dtype!r}).")
     if n_tokens <= 0:
         raise CacheError(f"n_tokens must be positive (got {n_tokens}).")
-    if path.exists() and not overwrite:
-        raise CacheError(f"{path} already exists; choose another path or pass overwrite=True to replace it.")
+    # Only an activation cache (or an empty directory) is ever replaced; any other directory is refused.
+    if check_output_dir(path, "activation-cache", overwrite=overwrite, option="cache path") == "ours" \
+            and not overwrite:
+        raise CacheError(f"{path} already exists (an activation cache); choose another path or pass overwrite=True "
+                         f"to replace it.")
     torch_dtype = _DTYPES[dtype]
     path.parent.mkdir(parents=True, exist_ok=True)
     with atomic_directory(path) as tmp:  # a crash leaves the previous cache (or none), never half of one
@@ -146,6 +150,7 @@ def build_activation_cache(activation_fn: Callable[[torch.Tensor], torch.Tensor]
                     "n_sequences": int(n_sequences), "dtype": dtype, "exclude_special": bool(exclude_special),
                     "shards": shards, "metadata": dict(metadata or {})}
         (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2))
+        write_marker(tmp, "activation-cache")
     return path
 
 

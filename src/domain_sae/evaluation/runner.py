@@ -21,6 +21,7 @@ import torch
 from torch import Tensor
 
 from ..errors import UserError
+from ..outdirs import check_output_dir, prepare_output_dir
 from . import report
 from .lm_metrics import SAEResult, evaluate_saes_on_tokens, token_counts
 
@@ -256,7 +257,7 @@ def eval_matrix(sae_dirs: Sequence[str | Path], datasets: Sequence[str], cfg: An
     if len(saes) != len(paths):
         raise EvalError(f"{len(saes)} SAEs given for {len(paths)} paths.")
     out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
+    check_output_dir(out_dir, "eval", option="--out")  # refuse now; create only once every check has passed
     batch_size = int(batch_size or getattr(cfg, "model_batch_size", 8))
 
     lm = lm if lm is not None else _load_lm(cfg)
@@ -314,6 +315,7 @@ def eval_matrix(sae_dirs: Sequence[str | Path], datasets: Sequence[str], cfg: An
                     "log10_density_histogram": {"bin_edges": hist[0], "counts": hist[1]}}
     results = [rows_by_key[(s, d)] for s in sae_labels for d in ds_labels]
 
+    prepare_output_dir(out_dir, "eval", option="--out")
     files = {"heatmaps": {}, "density": {}}
     for key, stem, title, value_format, cbar in HEATMAPS:
         values = [[rows_by_key[(s, d)]["metrics"].get(key) for d in ds_labels] for s in sae_labels]

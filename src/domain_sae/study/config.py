@@ -14,7 +14,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Optional
 
-from ..config import ConfigError, from_dict, load_config_file, opt
+from ..config import ConfigError, check_finite_floats, from_dict, load_config_file, opt
+from ..outdirs import OutputDirError, safe_component
 
 GENERAL = "general"
 CONTROL = "general (seed 2)"
@@ -102,6 +103,11 @@ class StudyConfig:
                  f"domains: {name!r}: {spec!r} must be a name and a data spec (both strings).")
             need(name != GENERAL and "→" not in name and "|" not in name,
                  f"domains: the name {name!r} is reserved or contains '→'/'|'; pick another name.")
+            try:  # domain names become cache and run directory names
+                safe_component(name, "The domain name")
+            except OutputDirError as e:
+                raise ConfigError(f"domains: {e}") from None
+        check_finite_floats(self)
         need(self.steer_domain in self.domains,
              f"steer_domain {self.steer_domain!r} is not one of the domains {list(self.domains)}.")
         b = self.train_batch_size_tokens
