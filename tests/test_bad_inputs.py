@@ -199,3 +199,269 @@ def test_output_dir_rules():
         (d / "legacy").mkdir()
         (d / "legacy" / "manifest.json").write_text(json.dumps({"format": "something-else"}))
         assert output_kind(d / "legacy") is None  # a foreign manifest.json is not a cache
+
+
+# --------------------------------------------------------------------------------------------------------------
+# 3 + 6. Float options finite and in range; a diverging run is stopped
+
+@pytest.mark.parametrize("flag,value,needle", [
+    ("--lr", "inf", "finite"), ("--l1-coefficient", "inf", "finite"), ("--lr", "nan", "finite"),
+    ("--adam-beta1", "2", "adam_beta1 must be in [0, 1)"), ("--adam-beta2", "1", "adam_beta2 must be in [0, 1)"),
+    ("--grad-clip-norm", "-1", "grad_clip_norm must be >= 0"),
+    ("--decoder-init-norm", "0", "decoder_init_norm must be positive"),
+    ("--holdout-fraction", "1", "holdout_fraction must be in [0, 1)"),
+    ("--dead-feature-threshold", "2", "dead_feature_threshold"),
+])
+def test_float_options_are_validated_before_anything_is_created(tmp_path, model_dir, capsys, flag, value, needle):
+    note = sentinel(tmp_path / "runs")
+    rc, err = run_cli(train_args(model_dir, tmp_path / "runs", "--run-name", "r", flag, value), capsys)
+    assert rc == 2
+    assert_one_paragraph(err, needle)
+    assert intact(note) and sorted(p.name for p in note.parent.iterdir()) == ["notes.md"]
+
+
+class _NaNAfter:
+    """A synthetic source whose batches turn to NaN after ``n`` good ones (a diverging run, deterministically)."""
+
+    def __init__(self, n, **kw):
+        from training_helpers import SyntheticSparseSource
+        self.inner, self.n, self.served = SyntheticSparseSource(**kw), n, 0
+
+    def __iter__(self):
+        return self
+
+    def __next__(self):
+        batch = next(self.inner)
+        self.served += 1
+        return batch * float("nan") if self.served > self.n else batch
+
+    def __getattr__(self, name):
+        return getattr(self.inner, name)
+
+
+def test_non_finite_loss_stops_the_run_and_keeps_the_last_good_checkpoint(tmp_path, tiny_lm):
+    from training_helpers import tiny_config
+
+    from domain_sae.sae.io import load_sae
+    from domain_sae.training.trainer import TrainingDivergedError
+    cfg = tiny_config(hook=HOOK, output_dir=str(tmp_path / "runs"), run_name="div", d_sae=48)
+    source = _NaNAfter(20, d_in=32, batch_size=128, buffer_tokens=512)
+    with pytest.raises(TrainingDivergedError) as info:
+        pipeline.train(cfg, lm=tiny_lm, source=source, quiet=True)
+    msg = str(info.value)
+    assert "step 21 of 60" in msg and "nan" in msg and "learning rate" in msg and "last good checkpoint" in msg
+    run = tmp_path / "runs" / "div"
+    assert not (run / "sae").exists()  # no NaN SAE saved as final
+    ckpts = sorted(p.name for p in (run / "checkpoints").iterdir())
+    assert ckpts == ["step_00000015"] or ckpts[-1].endswith("15"), ckpts
+    good = load_sae(run / "checkpoints" / ckpts[-1] / "sae")
+    assert all(torch.isfinite(p).all() for p in good.parameters())
+    assert json.loads((run / "status.json").read_text())["state"] == "failed"
+
+
+def test_lr_too_high_is_reported_not_saved(tmp_path, model_dir, capsys):
+    rc, err = run_cli(train_args(model_dir, tmp_path / "runs", "--run-name", "hot", "--lr", "1e6",
+                                 "--training-tokens", "2560"), capsys)
+    assert rc == 2
+    assert_one_paragraph(err, "diverged", "lower --lr")
+    assert not (tmp_path / "runs" / "hot" / "sae").exists()
+
+
+# --------------------------------------------------------------------------------------------------------------
+# 4. Data files that are not UTF-8
+
+@pytest.mark.parametrize("suffix,content", [
+    (".jsonl", b"\x89PNG\r\n\x1a\n\x00\x00\x00\rIHDR" + bytes(range(256))),
+    (".jsonl", '{"text": "caf\u00e9 cr\u00e8me"}\n'.encode("latin-1")),
+    (".json", '[{"text": "na\u00efve"}]'.encode("latin-1")),
+])
+def test_non_utf8_data_is_explained(tmp_path, tiny_lm, suffix, content):
+    from domain_sae.data.sources import DataError, open_source
+    p = tmp_path / f"data{suffix}"
+    p.write_bytes(content)
+    with pytest.raises(DataError) as info:
+        list(open_source(str(p)))
+    assert "not UTF-8" in str(info.value) and "iconv" in str(info.value)
+    with pytest.raises(DataError, match="not UTF-8"):
+        pipeline.train(tiny_cfg(tmp_path, data=str(p), max_rows=None), lm=tiny_lm, quiet=True)
+    assert not (tmp_path / "runs" / "r").exists() and p.read_bytes() == content
+
+
+# --------------------------------------------------------------------------------------------------------------
+# 5. Output locations that are files; eval creates --out only after its checks
+
+def test_output_dir_or_run_name_that_is_a_file_fails_before_the_model_loads(tmp_path, capsys):
+    f = tmp_path / "afile"
+    f.write_bytes(SENTINEL)
+    # the model path does not exist: the output check must come first, so the message is about the output
+    bogus_model = tmp_path / "no-such-model"
+    rc, err = run_cli(train_args(bogus_model, f, "--run-name", "r"), capsys)
+    assert rc == 2 and intact(f)
+    assert_one_paragraph(err, "which is a file", "Choose a directory path")
+    rc, err = run_cli(train_args(bogus_model, tmp_path, "--run-name", "afile"), capsys)
+    assert rc == 2 and intact(f)
+    assert_one_paragraph(err, "is a file")
+    rc, err = run_cli(train_args(bogus_model, f), capsys)  # default run name: the parent is still checked first
+    assert rc == 2 and intact(f) and "is a file" in err
+
+
+def test_eval_out_file_and_no_out_before_checks(tmp_path, model_dir, capsys):
+    sae = saved_sae(tmp_path / "sae")
+    f = tmp_path / "afile"
+    f.write_bytes(SENTINEL)
+    rc, err = run_cli(["eval", sae, "--model", model_dir, "--data", "chat", "--out", f], capsys)
+    assert rc == 2 and intact(f)
+    assert_one_paragraph(err, "is a file")
+    out = tmp_path / "never"
+    rc, err = run_cli(["eval", sae, "--model", model_dir, "--data", "chat", "--hook", "blocks.0.hook_mlp_out",
+                       "--out", out], capsys)
+    assert rc == 2 and "Traceback" not in err
+    assert not out.exists()
+
+
+# --------------------------------------------------------------------------------------------------------------
+# 7. Pickled weights are refused with the way out
+
+def test_pickled_model_weights_are_refused(tmp_path, smol_tokenizer, capsys):
+    from domain_sae.models.load import ModelLoadError, load_model
+    d = tmp_path / "pickled"
+    model = make_tiny_model("llama")
+    model.save_pretrained(d)
+    smol_tokenizer.save_pretrained(d)
+    for f in d.glob("*.safetensors"):  # the weights as an old-style pickle instead
+        f.unlink()
+    torch.save(model.state_dict(), d / "pytorch_model.bin")
+    assert (d / "pytorch_model.bin").is_file() and not list(d.glob("*.safetensors"))
+    before = (d / "pytorch_model.bin").read_bytes()
+    with pytest.raises(ModelLoadError) as info:
+        load_model(str(d))
+    msg = str(info.value)
+    assert "pickle format" in msg and "safe_serialization=True" in msg and "weights_only=False" not in msg
+    rc, err = run_cli(train_args(d, tmp_path / "runs", "--run-name", "r"), capsys)
+    assert rc == 2
+    assert_one_paragraph(err, "pickle format", "safetensors")
+    assert (d / "pytorch_model.bin").read_bytes() == before and not (tmp_path / "runs" / "r").exists()
+
+
+# --------------------------------------------------------------------------------------------------------------
+# 8. Markdown writers escape text from data
+
+def test_eval_markdown_escapes_labels_and_specs():
+    from domain_sae.evaluation.report import eval_markdown
+    evil = "<script>alert(1)</script>|*x*"
+    summary = {"model": {"name": "<iframe src=x>", "family": "llama"},
+               "datasets": {evil: {"spec": evil, "tokens": {}}},
+               "saes": {evil: {"path": evil, "hook": "h", "trained_on": "<b>"}},
+               "results": [{"sae": evil, "dataset": evil, "metrics": {},
+                            "segments": {"<i>user</i>": {}, "assistant": {}}}]}
+    md = eval_markdown(summary)
+    assert "<script>" not in md and "<iframe" not in md and "<b>" not in md and "<i>" not in md
+    assert "&lt;script&gt;" in md and "\\|\\*x\\*" in md
+
+
+def test_training_summary_escapes_the_run_name(tmp_path, tiny_lm):
+    run = pipeline.train(tiny_cfg(tmp_path, run_name="a_b_c", training_tokens=512, n_checkpoints=0), lm=tiny_lm,
+                         quiet=True).run_dir
+    assert (run / "summary.md").read_text().startswith("# Training summary: a\\_b\\_c\n")
+
+
+# --------------------------------------------------------------------------------------------------------------
+# 9 + 10. A run killed before its first checkpoint restarts; temporaries are cleaned
+
+def _dead_pid() -> int:
+    import subprocess
+    import sys
+    p = subprocess.Popen([sys.executable, "-c", "pass"])
+    p.wait()
+    return p.pid
+
+
+def _as_killed_before_first_checkpoint(run, pid):
+    import shutil
+    import socket
+    shutil.rmtree(run / "checkpoints", ignore_errors=True)
+    shutil.rmtree(run / "sae", ignore_errors=True)
+    (run / "status.json").write_text(json.dumps({"state": "running", "pid": pid, "host": socket.gethostname()}))
+
+
+def test_run_killed_before_first_checkpoint_restarts(tmp_path, model_dir, capsys):
+    import socket
+    args = train_args(model_dir, tmp_path / "runs", "--run-name", "k")
+    assert main([str(a) for a in args]) == 0
+    run = tmp_path / "runs" / "k"
+    status = json.loads((run / "status.json").read_text())
+    assert status["state"] == "complete" and status["host"] == socket.gethostname() and isinstance(status["pid"], int)
+    note = run / "my-notes.txt"  # the user's file inside the run survives a restart
+    note.write_bytes(SENTINEL)
+    _as_killed_before_first_checkpoint(run, _dead_pid())
+    capsys.readouterr()
+    assert main([str(a) for a in args]) == 0  # the same command simply starts it again
+    assert json.loads((run / "status.json").read_text())["state"] == "complete" and (run / "sae").is_dir()
+    _as_killed_before_first_checkpoint(run, _dead_pid())
+    capsys.readouterr()
+    assert main(["train", "--resume", str(run)]) == 0  # and so does --resume
+    assert "starting it again from step 0" in capsys.readouterr().err
+    assert json.loads((run / "status.json").read_text())["state"] == "complete"
+    assert note.read_bytes() == SENTINEL
+
+
+def test_live_process_is_reported_running(tmp_path, model_dir, capsys):
+    import subprocess
+    import sys
+    args = train_args(model_dir, tmp_path / "runs", "--run-name", "live")
+    assert main([str(a) for a in args]) == 0
+    run = tmp_path / "runs" / "live"
+    proc = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        _as_killed_before_first_checkpoint(run, proc.pid)
+        capsys.readouterr()
+        for cmd in (args, ["train", "--resume", run]):
+            rc, err = run_cli(cmd, capsys)
+            assert rc == 2
+            assert_one_paragraph(err, f"process {proc.pid}", "being trained right now")
+    finally:
+        proc.kill()
+        proc.wait()
+
+
+def test_resume_cleans_every_temporary_directory(tmp_path, tiny_lm):
+    import shutil
+    cfg = tiny_cfg(tmp_path, n_checkpoints=1)
+    run = pipeline.train(cfg, lm=tiny_lm, quiet=True).run_dir
+    ckpts = sorted((run / "checkpoints").iterdir())
+    for c in ckpts[1:]:
+        shutil.rmtree(c)
+    shutil.rmtree(run / "sae")
+    (run / "sae.tmp-abc123").mkdir()  # a kill during the final sae/ write
+    (run / "sae.tmp-abc123" / "cfg.json").write_text("{}")
+    (run / "sae.old-xyz").mkdir()
+    (run / "checkpoints" / "step_00000099.tmp-q").mkdir()
+    (run / "status.tmp").write_text("{")
+    pipeline.write_status(run, "interrupted")
+    pipeline.resume(run, lm=tiny_lm)
+    left = [p for p in run.rglob("*") if ".tmp-" in p.name or ".old-" in p.name or p.name == "status.tmp"]
+    assert left == [] and (run / "sae" / "cfg.json").is_file()
+
+
+# --------------------------------------------------------------------------------------------------------------
+# 11. CLI: no abbreviations, "did you mean", paths that do not exist
+
+def test_option_prefixes_are_refused_with_a_suggestion(tmp_path, model_dir, capsys):
+    rc, err = run_cli(train_args(model_dir, tmp_path / "runs", "--training-tok", "8192"), capsys)
+    assert rc == 2 and "Traceback" not in err
+    assert "'--training-tok'" in err and "did you mean --training-tokens" in err
+    assert not (tmp_path / "runs").exists()
+    rc, err = run_cli(["eval", "x", "--tokns", "5"], capsys)
+    assert rc == 2 and "did you mean --tokens" in err
+
+
+def test_missing_relative_sae_path_is_not_taken_for_a_release(tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "runs").mkdir()
+    rc, err = run_cli(["eval", "runs/typo/sae", "--data", "chat"], capsys)
+    assert rc == 2
+    assert_one_paragraph(err, "runs/typo/sae does not exist")
+    assert "release" not in err.split("does not exist")[0]
+    rc, err = run_cli(["finetune", "--from", "runs/typo/sae", "--data", "code", "--run-name", "ft"], capsys)
+    assert rc == 2 and "runs/typo/sae does not exist" in err
+    assert not (tmp_path / "eval_out").exists()

@@ -96,7 +96,7 @@ def test_matrix_files_values_and_determinism(lm, heldout, tmp_path):
         assert f"heatmap_{stem}.png" in files
     assert sum(f.startswith("density_") for f in files) == 2
     md = (tmp_path / "one" / "eval.md").read_text()
-    assert "| `a/sae` | `chat` |" in md and "Per segment: `chat`" in md and "template" in md
+    assert "| a/sae | chat |" in md and "Per segment: chat" in md and "template" in md
     assert "Per segment: `code`" not in md  # one segment only: no breakdown table
     assert "Mean ablation" in md and "Mean-ablation baseline" in md
 

@@ -335,10 +335,25 @@ def _parquet_rows(path: Path, column: Optional[str]) -> Iterator[Document]:
             i += 1
 
 
+def _not_utf8(path: Path, e: UnicodeDecodeError) -> DataError:
+    return DataError(f"{path} is not UTF-8 text (it holds the byte 0x{e.object[e.start]:02x}, which cannot be "
+                     f"decoded), so it is not a JSON data file (a binary file renamed {path.suffix}, or text in "
+                     f"another encoding). JSON data must be UTF-8: convert it, e.g. `iconv -f latin1 -t utf-8 "
+                     f"{path.name} > fixed{path.suffix}`, or pass the right file.")
+
+
 def _jsonl_rows(path: Path, column: Optional[str]) -> Iterator[Document]:
     def rows():
         with open(path, encoding="utf-8") as fh:
-            for n, line in enumerate(fh, 1):
+            n = 0
+            while True:
+                try:
+                    line = fh.readline()
+                except UnicodeDecodeError as e:
+                    raise _not_utf8(path, e) from None
+                if not line:
+                    break
+                n += 1
                 if line.strip():
                     try:
                         yield json.loads(line)
@@ -352,6 +367,8 @@ def _json_rows(path: Path, column: Optional[str]) -> Iterator[Document]:
     try:
         with open(path, encoding="utf-8") as fh:
             data = json.load(fh)
+    except UnicodeDecodeError as e:
+        raise _not_utf8(path, e) from None
     except json.JSONDecodeError as e:
         if "Extra data" in str(e):  # JSON Lines with a .json suffix
             yield from _jsonl_rows(path, column)

@@ -11,6 +11,8 @@ import math
 from pathlib import Path
 from typing import Any, Iterable, Optional, Sequence
 
+from ..markdown import escape_markdown, markdown_cell
+
 __all__ = ["jsonable", "write_json", "fmt", "markdown_table", "eval_markdown", "plot_heatmap",
            "plot_density_histograms", "LM_COLUMNS", "RECONSTRUCTION_COLUMNS", "MEAN_ABLATION_COLUMNS",
            "SEGMENT_COLUMNS"]
@@ -119,7 +121,7 @@ def eval_markdown(summary: dict) -> str:
     results = summary.get("results", [])
     mean_abl = bool(summary.get("mean_ablation"))
     out = ["# SAE evaluation", ""]
-    out.append(f"Model: `{model.get('name')}` ({model.get('family', '?')}). "
+    out.append(f"Model: {markdown_cell(model.get('name'))} ({markdown_cell(model.get('family', '?'))}). "
                f"Evaluated on each dataset's held-out split (never trained on).")
     out.append("")
     out.append("Definitions (SPEC section 3): CE = next-token cross-entropy in nats over counted positions (the "
@@ -139,7 +141,7 @@ def eval_markdown(summary: dict) -> str:
     rows = []
     for label, d in summary.get("datasets", {}).items():
         t = d.get("tokens", {})
-        rows.append([f"`{label}`", f"`{d.get('spec')}`", fmt(t.get("tokens/sequences"), "{:.0f}"),
+        rows.append([markdown_cell(label), markdown_cell(d.get('spec')), fmt(t.get("tokens/sequences"), "{:.0f}"),
                      fmt(t.get("tokens/total"), "{:.0f}"), fmt(t.get("tokens/special"), "{:.0f}"),
                      fmt(t.get("tokens/pad"), "{:.0f}"), fmt(t.get("tokens/lm_counted"), "{:.0f}"),
                      fmt(t.get("tokens/reconstruction_counted"), "{:.0f}")])
@@ -149,14 +151,14 @@ def eval_markdown(summary: dict) -> str:
 
     out.append("## SAEs")
     out.append("")
-    rows = [[f"`{label}`", f"`{s.get('path')}`", f"`{s.get('hook')}`", fmt(s.get("d_in"), "{:.0f}"),
-             fmt(s.get("d_sae"), "{:.0f}"), f"`{s.get('trained_on')}`"]
+    rows = [[markdown_cell(label), markdown_cell(s.get('path')), markdown_cell(s.get('hook')), fmt(s.get("d_in"), "{:.0f}"),
+             fmt(s.get("d_sae"), "{:.0f}"), markdown_cell(s.get('trained_on'))]
             for label, s in summary.get("saes", {}).items()]
     out.append(markdown_table(["SAE", "path", "hook", "d_in", "d_sae", "trained on"], rows))
     out.append("")
 
     def table(cols):
-        rows = [[f"`{r['sae']}`", f"`{r['dataset']}`"] + [fmt(r["metrics"].get(k), f_) for k, _, f_ in cols]
+        rows = [[markdown_cell(r['sae']), markdown_cell(r['dataset'])] + [fmt(r["metrics"].get(k), f_) for k, _, f_ in cols]
                 for r in results]
         return markdown_table(["SAE", "dataset"] + [h for _, h, _ in cols], rows)
 
@@ -183,9 +185,10 @@ def eval_markdown(summary: dict) -> str:
             if len(segs) < 2:
                 continue
             for name, block in segs.items():
-                seg_rows.append([f"`{r['sae']}`", name] + [fmt(block.get(k), f_) for k, _, f_ in SEGMENT_COLUMNS])
+                seg_rows.append([markdown_cell(r['sae']), markdown_cell(name)]
+                                + [fmt(block.get(k), f_) for k, _, f_ in SEGMENT_COLUMNS])
         if seg_rows:
-            out.append(f"## Per segment: `{ds}`")
+            out.append(f"## Per segment: {escape_markdown(ds)}")
             out.append("")
             out.append("CE/KL positions belong to the segment of the predicted (target) token; reconstruction "
                        "positions to the segment of their own token.")
@@ -198,7 +201,7 @@ def eval_markdown(summary: dict) -> str:
         out.append("## Figures")
         out.append("")
         for name in list(figs.get("heatmaps", {}).values()) + list(figs.get("density", {}).values()):
-            out.append(f"![{name}]({name})")
+            out.append(f"![{escape_markdown(name)}]({name})")
         out.append("")
     return "\n".join(out)
 

@@ -20,6 +20,7 @@ from __future__ import annotations
 import functools
 import importlib.util
 import os
+import pickle
 import socket
 import warnings
 from contextlib import contextmanager
@@ -247,6 +248,8 @@ def load_model(name: str = DEFAULT_MODEL, device: str = "cpu", dtype: torch.dtyp
                 model, tok, missing, source = _load_hub(name, dtype, show_download_progress)
     except ModelLoadError:
         raise
+    except pickle.UnpicklingError as e:
+        raise ModelLoadError(_pickle_message(path, [f"{type(e).__name__}: {_one_line(e)[:80]}"])) from None
     except (OSError, ValueError, ImportError, KeyError, RuntimeError) as e:
         raise ModelLoadError(f"Could not load model '{name}': {type(e).__name__}: {_one_line(e)}") from e
 
@@ -280,8 +283,28 @@ def _load_dir(path: Path, dtype):
     except (OSError, ValueError, KeyError, TypeError) as e:
         raise ModelLoadError(f"The model folder {path} has no usable tokenizer ({type(e).__name__}: "
                              f"{_one_line(e)}). {fix}") from e
+    _refuse_pickled_weights(path)
     model, missing = _load_weights(str(path), dtype)
     return model, tok, missing
+
+
+_PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
+
+
+def _pickle_message(path: Path, files: list[str]) -> str:
+    return (f"The model folder {path} holds its weights only in a pickle format ({', '.join(files[:3])}), which "
+            f"this tool will not load: unpickling can run arbitrary code. Convert them to safetensors once, on a "
+            f"machine where you trust the file: `AutoModelForCausalLM.from_pretrained('{path}')."
+            f"save_pretrained('{path}', safe_serialization=True)` (transformers), then load the folder again.")
+
+
+def _refuse_pickled_weights(path: Path) -> None:
+    """ModelLoadError for a folder whose weights exist only as pickles (pytorch_model.bin, *.pt, ...)."""
+    if any(path.glob("*.safetensors")):
+        return
+    pickles = sorted(p.name for p in path.iterdir() if p.suffix in _PICKLE_SUFFIXES and "token" not in p.name)
+    if pickles:
+        raise ModelLoadError(_pickle_message(path, pickles))
 
 
 def _load_hub(name: str, dtype, show_download_progress: bool = False):

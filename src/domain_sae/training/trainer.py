@@ -19,6 +19,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import json
+import math
 import signal
 import sys
 import threading
@@ -30,6 +31,8 @@ from typing import Any, Callable, Iterable, Optional
 import torch
 
 from ..activations.store import SourceExhaustedError
+from ..errors import UserError
+from ..markdown import escape_markdown
 from ..evaluation.metrics import ReconstructionAccumulator
 from . import checkpoint as ckpt
 from .loggers import METRICS_FILE, JSONLLogger, Logger, MultiLogger
@@ -37,7 +40,7 @@ from .plots import last_values, plot_training_curves, summary_table
 from .schedules import l1_at, lr_at
 from .sparsity import SparsityTracker
 
-__all__ = ["Trainer", "TrainingInterrupted", "batch_metrics", "checkpoint_steps", "remove_parallel_grad",
+__all__ = ["Trainer", "TrainingInterrupted", "TrainingDivergedError", "check_divergence", "batch_metrics", "checkpoint_steps", "remove_parallel_grad",
            "normalize_decoder_rows"]
 
 # Options whose change makes a resumed loss trace differ from the checkpointed run's.
@@ -90,6 +93,32 @@ def batch_metrics(x: torch.Tensor, x_hat: torch.Tensor, f: torch.Tensor) -> dict
     return {k: m[k] for k in ("metrics/explained_variance", "metrics/explained_variance_std", "metrics/l0")}
 
 
+class TrainingDivergedError(UserError):
+    """The loss became non-finite (or exploded): the run is stopped before anything non-finite is saved."""
+
+
+DIVERGENCE_FACTOR = 1e6  # a loss this many times the run's first loss counts as diverged (a finite blow-up)
+
+
+def check_divergence(loss: torch.Tensor, reference: Optional[float], *, step: int, total_steps: int, lr: float,
+                     l1: float, run_dir: Path) -> float:
+    """Raise :class:`TrainingDivergedError` when ``loss`` is inf/nan or above DIVERGENCE_FACTOR x ``reference``
+    (the first loss of this session); returns the reference to use for the next step."""
+    value = float(loss.detach())
+    if math.isfinite(value) and not (reference is not None and reference > 0
+                                     and value > DIVERGENCE_FACTOR * reference):
+        return value if reference is None else reference
+    first = f" (the first step's loss was {reference:.4g})" if reference is not None else ""
+    last = ckpt.latest_checkpoint(run_dir)
+    kept = (f"the last good checkpoint, {last}, is kept; rerun with the lower values and --overwrite"
+            if last is not None else "no checkpoint had been written yet; rerun with the lower values")
+    raise TrainingDivergedError(
+        f"Training diverged at step {step} of {total_steps}: the loss is {value:.4g}{first} at learning rate "
+        f"{lr:g} and l1 coefficient {l1:g}. The likely cause is a learning rate too high for these activations: "
+        f"lower --lr (e.g. 10x), add --lr-warm-up-steps, keep --grad-clip-norm above 0, or lower "
+        f"--l1-coefficient. The run was stopped and no SAE was saved as final; {kept}.")
+
+
 class Trainer:
     """Train ``sae`` on batches from ``source`` (an ActivationStore or CachedActivationSource).
 
@@ -126,6 +155,7 @@ class Trainer:
         self._ckpt_steps = set(checkpoint_steps(self.total_steps, cfg.n_checkpoints))
         self._interrupted = False
         self._final_sae = None
+        self._loss_ref: Optional[float] = None  # first loss of this session (divergence check)
 
     # -- one step -----------------------------------------------------------------------------------------------
     def _next_batch(self) -> torch.Tensor:
@@ -145,6 +175,8 @@ class Trainer:
         for group in self.optimizer.param_groups:
             group["lr"] = lr
         out = self.sae.loss(x, l1)
+        self._loss_ref = check_divergence(out.total, self._loss_ref, step=self.step + 1,
+                                          total_steps=self.total_steps, lr=lr, l1=l1, run_dir=self.run_dir)
         self.optimizer.zero_grad(set_to_none=True)
         out.total.backward()
         if cfg.normalize_sae_decoder:
@@ -308,6 +340,10 @@ class Trainer:
 
     def _finish(self, session_seconds: float, session_steps: int) -> dict:
         final = self.folded_copy()
+        if not all(bool(torch.isfinite(p).all()) for p in final.parameters()):  # the last update blew up
+            check_divergence(torch.tensor(float("nan")), self._loss_ref, step=self.step, total_steps=self.total_steps,
+                             lr=lr_at(self.step - 1, self.cfg), l1=l1_at(self.step - 1, self.cfg),
+                             run_dir=self.run_dir)
         with ckpt.atomic_directory(self.run_dir / "sae") as tmp:
             final.save(tmp, sparsity=self.tracker.log10_density())
         self._final_sae = final
@@ -329,7 +365,8 @@ class Trainer:
                  f"{summary['never_fired']} / {summary['d_sae']}", "steps": self.step,
                  "training time (s)": round(self.train_seconds, 1)}
         table = summary_table(records, extra)
-        (self.run_dir / "summary.md").write_text(f"# Training summary: {self.run_dir.name}\n\n{table}\n")
+        title = escape_markdown(self.run_dir.name)
+        (self.run_dir / "summary.md").write_text(f"# Training summary: {title}\n\n{table}\n")
         (self.run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
         if self.verbose:
             print(f"\nTraining finished: {self.run_dir}\n{table}", flush=True)
