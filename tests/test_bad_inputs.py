@@ -8,12 +8,12 @@ import json
 
 import pytest
 import torch
-
 from conftest import make_tiny_model
+
 from domain_sae import pipeline
 from domain_sae.cli import main
 from domain_sae.config import ConfigError, TrainConfig, build_config
-from domain_sae.errors import UserError, user_error_types
+from domain_sae.errors import UserError
 from domain_sae.outdirs import MARKER, OutputDirError, output_kind, prepare_output_dir
 from domain_sae.sae.standard import SAEModelConfig, StandardSAE
 
@@ -62,7 +62,7 @@ def train_args(model_dir, out, *extra):
 
 
 def tiny_cfg(tmp_path, **kw):
-    base = dict(hook=HOOK, data="chat", max_rows=300, context_size=32, expansion_factor=2, training_tokens=2048,
+    base = dict(hook=HOOK, data="chat", max_rows=300, context_size=32, expansion_factor=2, training_tokens=2048,  # noqa: C408
                 train_batch_size_tokens=256, buffer_size_tokens=1024, lr=3e-3, l1_coefficient=1.0, log_every=2,
                 eval_every=0, n_checkpoints=1, feature_sampling_window=4, dead_feature_window=4,
                 output_dir=str(tmp_path / "runs"), run_name="r", resume_checkpoint_minutes=0)

@@ -146,7 +146,8 @@ class TrainConfig(DataConfig, SAEConfig):
     run_name: Optional[str] = opt(None, "Run name; default derived from model, hook, data and d_sae.",
                                   group="logging")
     output_dir: str = opt("runs", "Parent directory of run directories.", group="logging")
-    overwrite: bool = opt(False, "Replace an existing run directory that holds a different run.", group="logging")
+    overwrite: bool = opt(False, "Replace an existing domain-sae run directory (a different or complete run); any "
+                          "other non-empty directory is refused.", group="logging")
 
     # --- fine-tuning (dsae finetune) -------------------------------------------------------------------------
     from_sae: Optional[str] = opt(None, "Fine-tune: start from this SAE (our directory, a SAELens directory, or a "

@@ -6,7 +6,8 @@
 Run directory layout (``output_dir/run_name``)::
 
     training_config.json   the full TrainConfig (written first; identifies the run)
-    status.json            {"state": "running" | "complete" | "interrupted" | "failed", ...}
+    status.json            {"state": "running" | "complete" | "interrupted" | "failed", "pid", "host", ...}
+    .domain-sae.json       output marker (see outdirs.py); the rules for reusing a directory are in rundir.py
     checkpoints/           full training state (atomic), for --resume
     sae/                   the final SAE (SAELens-compatible, activation scale folded in)
     metrics.jsonl          training logs with the SPEC key names
@@ -16,12 +17,9 @@ Run directory layout (``output_dir/run_name``)::
 from __future__ import annotations
 
 import copy
-import json
 import math
-import os
 import re
 import shutil
-import socket
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -29,16 +27,12 @@ from typing import Any, Optional
 
 import torch
 
-from .atomic import remove_leftovers
-from .config import ConfigError, TrainConfig, from_dict, to_dict
+from .config import ConfigError, TrainConfig
 from .errors import RunDirError
-from .outdirs import check_not_file, check_output_dir, write_marker
-
-CONFIG_FILE = "training_config.json"
-STATUS_FILE = "status.json"
-# Options that do not change what is trained; a run directory may be reused when only these differ.
-_NON_IDENTITY_OPTIONS = {"overwrite", "wandb", "wandb_project", "wandb_mode", "output_dir", "run_name",
-                         "resume_checkpoint_minutes", "device"}
+from .outdirs import check_not_file
+from .rundir import STATUS_FILE  # noqa: F401 (re-exported)
+from .rundir import (CONFIG_FILE, check_run_dir, load_run_config, prepare_run_dir, process_alive, read_status,
+                     remove_temporaries, running_error, write_status)
 
 
 @dataclass
@@ -59,127 +53,6 @@ def default_run_name(cfg: TrainConfig, d_in: Optional[int] = None) -> str:
     prefix = "ft_" if cfg.from_sae else ""
     name = f"{prefix}{Path(cfg.model).stem}_{cfg.hook}_{data}_{d_sae}"
     return re.sub(r"[^A-Za-z0-9_.\-]+", "-", name)
-
-
-def _identity(cfg_dict: dict) -> dict:
-    return {k: v for k, v in cfg_dict.items() if k not in _NON_IDENTITY_OPTIONS}
-
-
-def read_status(run_dir: Path) -> dict:
-    p = Path(run_dir) / STATUS_FILE
-    try:
-        return json.loads(p.read_text()) if p.is_file() else {}
-    except (ValueError, OSError):
-        return {}
-
-
-def write_status(run_dir: Path, state: str, **extra) -> None:
-    """status.json = {"state", "pid", "host", ...}: the process that last wrote it, so that a run whose process
-    died is not reported as running."""
-    p = Path(run_dir) / STATUS_FILE
-    tmp = p.with_suffix(".tmp")
-    tmp.write_text(json.dumps({"state": state, "pid": os.getpid(), "host": socket.gethostname(), **extra},
-                              indent=2))
-    tmp.replace(p)
-
-
-def process_alive(status: dict) -> Optional[bool]:
-    """Whether the process recorded in a "running" status still runs: True/False on this host, None when it
-    cannot be told (another host). A status other than "running", or without a pid (older runs), gives False."""
-    pid, host = status.get("pid"), status.get("host")
-    if status.get("state") != "running" or not isinstance(pid, int):
-        return False
-    if host != socket.gethostname():
-        return None
-    if pid == os.getpid():
-        return False  # this process is not training there now: it is the one asking
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
-def _running_error(run_dir: Path, status: dict, alive: Optional[bool]) -> RunDirError:
-    where = f"process {status.get('pid')} on host {status.get('host')}"
-    if alive:
-        return RunDirError(f"Run {run_dir} is being trained right now by {where}. Wait for it to finish, or stop "
-                           f"it (Ctrl-C writes a checkpoint) and continue with `dsae train --resume {run_dir}`.")
-    return RunDirError(f"Run {run_dir} is marked running by {where}, which cannot be checked from this host. If "
-                       f"that process is gone, continue with `dsae train --resume {run_dir}` (or pass --overwrite "
-                       f"to start it again).")
-
-
-def check_run_dir(run_dir: Path, cfg: TrainConfig) -> str:
-    """What :func:`prepare_run_dir` would do with ``run_dir``, raising RunDirError/OutputDirError when it must
-    refuse; creates nothing. Returns "new" (absent or empty), "replace" (a run, with --overwrite) or "restart"
-    (the same run, stopped before its first checkpoint and no longer running: it simply starts again)."""
-    from .training.checkpoint import latest_checkpoint
-    run_dir = Path(run_dir)
-    state = check_output_dir(run_dir, "run", overwrite=cfg.overwrite, option="--output-dir/--run-name")
-    if state != "ours":
-        return "new"
-    if cfg.overwrite:
-        return "replace"
-    old_cfg_path = run_dir / CONFIG_FILE
-    if not old_cfg_path.is_file():
-        return "restart"  # killed between writing the marker and the config: nothing was trained
-    try:
-        old = json.loads(old_cfg_path.read_text())
-    except ValueError:
-        raise RunDirError(f"Run {run_dir} has a corrupt {CONFIG_FILE}; pass --overwrite to replace the run, or "
-                          f"choose another --run-name.") from None
-    new = to_dict(cfg)
-    if _identity(old) != _identity(new):
-        diff = sorted(k for k in set(old) | set(new) if k not in _NON_IDENTITY_OPTIONS and old.get(k) != new.get(k))
-        raise RunDirError(f"Output directory {run_dir} already holds a different run (options that differ: "
-                          f"{', '.join(diff[:8])}). Pass --overwrite to replace that run, or choose another "
-                          f"--run-name.")
-    status = read_status(run_dir)
-    if status.get("state") == "complete":
-        raise RunDirError(f"Run {run_dir} is already complete (SAE in {run_dir / 'sae'}). Pass --overwrite to train "
-                          f"it again.")
-    alive = process_alive(status)
-    if alive is not False:
-        raise _running_error(run_dir, status, alive)
-    ckpt = latest_checkpoint(run_dir)
-    if ckpt is None:
-        return "restart"
-    raise RunDirError(f"Run {run_dir} already exists and was stopped (state {status.get('state', 'unknown')}, last "
-                      f"checkpoint {ckpt.name}). Continue it with `dsae train --resume {run_dir}`, or pass "
-                      f"--overwrite to start it again from step 0.")
-
-
-def prepare_run_dir(run_dir: Path, cfg: TrainConfig) -> None:
-    """Create ``run_dir`` for a new run (see :func:`check_run_dir`: only a domain-sae run is ever replaced, and
-    only with ``cfg.overwrite``), write the marker, the config and a "running" status."""
-    run_dir = Path(run_dir)
-    if check_run_dir(run_dir, cfg) == "replace":
-        shutil.rmtree(run_dir)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    write_marker(run_dir, "run")
-    remove_temporaries(run_dir)
-    (run_dir / CONFIG_FILE).write_text(json.dumps(to_dict(cfg), indent=2))
-    write_status(run_dir, "running")
-
-
-def remove_temporaries(run_dir: Path) -> None:
-    """Delete what interrupted atomic writes left in the run directory and its checkpoints/ (``*.tmp-*``,
-    ``*.old-*``, e.g. ``sae.tmp-*`` from a kill during the final save) and a half-written status."""
-    from .training.checkpoint import cleanup_incomplete
-    run_dir = Path(run_dir)
-    remove_leftovers(run_dir)
-    cleanup_incomplete(run_dir)
-    (run_dir / STATUS_FILE).with_suffix(".tmp").unlink(missing_ok=True)
-
-
-def load_run_config(run_dir: Path) -> TrainConfig:
-    p = Path(run_dir) / CONFIG_FILE
-    if not p.is_file():
-        raise RunDirError(f"{run_dir} is not a domain-sae run directory (no {CONFIG_FILE}); nothing to resume.")
-    return from_dict(TrainConfig, json.loads(p.read_text()), source=str(p)).validate()
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -277,7 +150,7 @@ def train(cfg: TrainConfig, *, lm=None, source=None, heldout=None, init_sae=None
     # Everything that can fail on bad input (data source, columns, empty split, scale estimate) runs before the
     # run directory exists, so a bad invocation leaves nothing behind.
     parts = _prepare(cfg, lm, hook, d_in, source, heldout, init_sae, evaluator, resuming=False)
-    prepare_run_dir(run_dir, cfg)
+    fresh = prepare_run_dir(run_dir, cfg) != "restart"  # a restarted directory may hold files of the user's
     try:
         trainer = _make_trainer(run_dir, cfg, *parts, quiet=quiet)
         if init_sae is not None and cfg.keep_optimizer:
@@ -287,7 +160,7 @@ def train(cfg: TrainConfig, *, lm=None, source=None, heldout=None, init_sae=None
         write_status(run_dir, "interrupted")
         raise
     except BaseException as e:
-        _fail(run_dir, e)
+        _fail(run_dir, e, remove=fresh)
         raise
     remove_temporaries(run_dir)
     write_status(run_dir, "complete")
@@ -308,10 +181,11 @@ def _load_parent_optimizer(trainer, source: Optional[str]) -> None:
     trainer.optimizer.load_state_dict(load_checkpoint(ckpt).optimizer_state)
 
 
-def _fail(run_dir: Path, e: BaseException) -> None:
-    """A run that failed before its first checkpoint is removed (nothing to resume); otherwise it is marked failed."""
+def _fail(run_dir: Path, e: BaseException, *, remove: bool = True) -> None:
+    """A run that failed before its first checkpoint is removed when this call created its directory (nothing to
+    resume); otherwise it is marked failed (a rerun of the same command restarts it)."""
     from .training.checkpoint import latest_checkpoint
-    if latest_checkpoint(run_dir) is None:
+    if remove and latest_checkpoint(run_dir) is None:
         shutil.rmtree(run_dir, ignore_errors=True)
     else:
         write_status(run_dir, "failed", error=f"{type(e).__name__}: {e}")
@@ -388,7 +262,7 @@ def resume(run_dir: Path, *, lm=None, source=None, evaluator=None) -> TrainResul
         raise RunDirError(f"Run {run_dir} is already complete; nothing to resume (its SAE is in {run_dir / 'sae'}).")
     alive = process_alive(status)
     if alive is not False:
-        raise _running_error(run_dir, status, alive)
+        raise running_error(run_dir, status, alive)
     ckpt = latest_checkpoint(run_dir)
     if ckpt is None:  # stopped before its first checkpoint: nothing to continue, so it simply starts again
         print(f"Run {run_dir} stopped before its first checkpoint; starting it again from step 0 with its saved "

@@ -151,15 +151,15 @@ def eval_markdown(summary: dict) -> str:
 
     out.append("## SAEs")
     out.append("")
-    rows = [[markdown_cell(label), markdown_cell(s.get('path')), markdown_cell(s.get('hook')), fmt(s.get("d_in"), "{:.0f}"),
-             fmt(s.get("d_sae"), "{:.0f}"), markdown_cell(s.get('trained_on'))]
+    rows = [[markdown_cell(label), markdown_cell(s.get('path')), markdown_cell(s.get('hook')),
+             fmt(s.get("d_in"), "{:.0f}"), fmt(s.get("d_sae"), "{:.0f}"), markdown_cell(s.get('trained_on'))]
             for label, s in summary.get("saes", {}).items()]
     out.append(markdown_table(["SAE", "path", "hook", "d_in", "d_sae", "trained on"], rows))
     out.append("")
 
     def table(cols):
-        rows = [[markdown_cell(r['sae']), markdown_cell(r['dataset'])] + [fmt(r["metrics"].get(k), f_) for k, _, f_ in cols]
-                for r in results]
+        rows = [[markdown_cell(r['sae']), markdown_cell(r['dataset'])]
+                + [fmt(r["metrics"].get(k), f_) for k, _, f_ in cols] for r in results]
         return markdown_table(["SAE", "dataset"] + [h for _, h, _ in cols], rows)
 
     out.append("## Language-model metrics (one row per SAE × dataset)")

@@ -32,16 +32,16 @@ import torch
 
 from ..activations.store import SourceExhaustedError
 from ..errors import UserError
-from ..markdown import escape_markdown
 from ..evaluation.metrics import ReconstructionAccumulator
+from ..markdown import escape_markdown
 from . import checkpoint as ckpt
 from .loggers import METRICS_FILE, JSONLLogger, Logger, MultiLogger
 from .plots import last_values, plot_training_curves, summary_table
 from .schedules import l1_at, lr_at
 from .sparsity import SparsityTracker
 
-__all__ = ["Trainer", "TrainingInterrupted", "TrainingDivergedError", "check_divergence", "batch_metrics", "checkpoint_steps", "remove_parallel_grad",
-           "normalize_decoder_rows"]
+__all__ = ["Trainer", "TrainingInterrupted", "TrainingDivergedError", "check_divergence", "batch_metrics",
+           "checkpoint_steps", "remove_parallel_grad", "normalize_decoder_rows"]
 
 # Options whose change makes a resumed loss trace differ from the checkpointed run's.
 _TRACE_OPTIONS = ("training_tokens", "train_batch_size_tokens", "buffer_size_tokens", "lr", "lr_scheduler_name",
