@@ -67,12 +67,13 @@ class ArchitectureConfig:
 
 @dataclass
 class FastPathConfig:
-    """Device options of the training step (no effect on CPU except where stated)."""
+    """Device options of the training step."""
 
     tf32: bool = opt(True, "CUDA: allow TF32 matrix products (fp32 master weights either way).", group="performance")
     autocast: Literal["auto", "none", "bfloat16"] = opt(
         "auto", "Run the SAE forward/backward under torch.autocast: bfloat16 (weights, optimizer and loss stay "
         "fp32; no GradScaler needed), none, or auto (bfloat16 on CUDA, none on CPU).", group="performance")
-    fused_adam: bool = opt(True, "CUDA: use the fused Adam kernel.", group="performance")
+    fused_adam: bool = opt(True, "Use torch's fused Adam kernel (CUDA and CPU; same update as the loop).",
+                           group="performance")
     compile_backend: Optional[str] = opt(None, "torch.compile the SAE loss with this backend (e.g. inductor); "
                                          "null = no compilation.", group="performance")

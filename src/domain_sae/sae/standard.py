@@ -49,6 +49,11 @@ class StandardSAE(BaseSAE):
     def set_extra_state(self, state: torch.Tensor) -> None:
         self._calls, self._sparse_now = int(state[0]), bool(state[1])
 
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        # checkpoints written before the kernel switch existed have no _extra_state: keep the current one
+        state_dict.setdefault(prefix + "_extra_state", self.get_extra_state())
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+
     def encode(self, x: torch.Tensor) -> torch.Tensor:
         """f = ReLU(z), shape [..., d_sae]."""
         return torch.relu(self.encode_pre(x))

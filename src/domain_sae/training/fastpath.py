@@ -1,10 +1,10 @@
 """The device side of a training step: TF32, bf16 autocast with fp32 master weights, fused Adam and an optional
 torch.compile of the SAE loss (options in :class:`domain_sae.config_arch.FastPathConfig`).
 
-The same functions run on every device; on CPU they resolve to plain fp32 (autocast ``auto`` -> off, TF32 and fused
-Adam are CUDA-only), so the CPU tests exercise the code the GPU runs. Under bf16 autocast the matrix products run
-in bfloat16 while parameters, Adam moments and the loss stay float32, so no GradScaler is needed (bf16 has fp32's
-exponent range). Host reads of statistics happen every ``host_sync_every(cfg, device)`` steps only.
+The same functions run on every device; on CPU they resolve to plain fp32 (autocast ``auto`` -> off, TF32 is
+CUDA-only), so the CPU tests exercise the code the GPU runs (fused Adam runs on both). Under bf16 autocast the
+matrix products run in bfloat16 while parameters, Adam moments and the loss stay float32, so no GradScaler is
+needed (bf16 has fp32's exponent range). Host reads of statistics happen every ``host_sync_every(cfg, device)`` steps only.
 """
 
 from __future__ import annotations
@@ -41,8 +41,9 @@ def configure_matmul_precision(cfg: TrainConfig, device: torch.device) -> None:
 
 
 def make_optimizer(params, cfg: TrainConfig, device: torch.device) -> torch.optim.Adam:
-    """Adam(lr, betas), no weight decay; the fused CUDA kernel when ``cfg.fused_adam`` and on CUDA."""
-    fused = bool(cfg.fused_adam and device.type == "cuda")
+    """Adam(lr, betas), no weight decay; torch's fused kernel when ``cfg.fused_adam`` (CUDA and CPU: on CPU it is
+    several times faster than the per-tensor loop, which matters once the sparse kernels make the products cheap)."""
+    fused = bool(cfg.fused_adam and device.type in ("cuda", "cpu"))
     return torch.optim.Adam(params, lr=cfg.lr, betas=(cfg.adam_beta1, cfg.adam_beta2), weight_decay=0.0,
                             **({"fused": True} if fused else {}))
 
