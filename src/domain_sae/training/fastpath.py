@@ -4,7 +4,8 @@ torch.compile of the SAE loss (options in :class:`domain_sae.config_arch.FastPat
 The same functions run on every device; on CPU they resolve to plain fp32 (autocast ``auto`` -> off, TF32 is
 CUDA-only), so the CPU tests exercise the code the GPU runs (fused Adam runs on both). Under bf16 autocast the
 matrix products run in bfloat16 while parameters, Adam moments and the loss stay float32, so no GradScaler is
-needed (bf16 has fp32's exponent range). Host reads of statistics happen every ``host_sync_every(cfg, device)`` steps only.
+needed (bf16 has fp32's exponent range). Host reads of statistics happen every ``host_sync_every(cfg, device)``
+steps only.
 """
 
 from __future__ import annotations
