@@ -48,6 +48,7 @@ test-saelens: $(SL_STAMP)
 
 bench-saelens: $(SL_STAMP)
 	$(SL_BIN)/python benchmarks/bench_vs_saelens.py
+	$(SL_BIN)/python benchmarks/bench_sae_step.py
 
 bench: setup
 	$(BIN)/python benchmarks/bench_train.py

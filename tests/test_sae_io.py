@@ -216,16 +216,30 @@ def test_saelens_checkpoint_activation_scaler_is_folded(tmp_path):
 
 
 @pytest.mark.parametrize("cfg", [
-    {**saelens6_cfg(), "architecture": "topk", "k": 8},
-    {**saelens6_cfg(), "architecture": "jumprelu"},
     {**saelens6_cfg(), "architecture": "gated"},
-    {**flat_cfg_old(), "activation_fn_str": "topk", "activation_fn_kwargs": {"k": 16}},
+    {**saelens6_cfg(), "architecture": "abstopk", "k": 8},
+    {**flat_cfg_old(), "activation_fn_str": "tanh-relu"},
 ])
 def test_other_architectures_are_not_supported_yet(tmp_path, cfg):
     write_dir(tmp_path, cfg, weights())
     with pytest.raises(UnsupportedArchitectureError, match="not supported yet") as e:
         load_sae(tmp_path)
-    assert isinstance(e.value, UserError) and "standard" in str(e.value)
+    assert isinstance(e.value, UserError)
+
+
+def test_topk_cfgs_of_both_styles_load_as_topk(tmp_path):
+    """SAELens 6 ``architecture: topk, k`` and the old flat ``activation_fn_str: topk`` + kwargs.k."""
+    write_dir(tmp_path / "a", {**saelens6_cfg(), "architecture": "topk", "k": 8}, weights())
+    write_dir(tmp_path / "b", {**flat_cfg_old(), "activation_fn_str": "topk", "activation_fn_kwargs": {"k": 3}},
+              weights())
+    a, b = load_sae(tmp_path / "a"), load_sae(tmp_path / "b")
+    assert a.cfg.architecture == b.cfg.architecture == "topk" and (a.cfg.k, b.cfg.k) == (8, 3)
+
+
+def test_jumprelu_without_threshold_is_a_format_error(tmp_path):
+    write_dir(tmp_path, {**saelens6_cfg(), "architecture": "jumprelu"}, weights())
+    with pytest.raises(SAEFormatError, match="threshold"):
+        load_sae(tmp_path)
 
 
 # -- broken directories -----------------------------------------------------------------------------------------

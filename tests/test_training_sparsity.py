@@ -71,6 +71,6 @@ def test_pending_window_stats_popped_once_and_state_round_trip():
 
 def test_reads_windows_from_train_config():
     from domain_sae.config import TrainConfig
-    tr = SparsityTracker(8, TrainConfig(feature_sampling_window=7, dead_feature_window=9,
-                                        dead_feature_threshold=1e-4))
+    tr = SparsityTracker.from_config(8, TrainConfig(feature_sampling_window=7, dead_feature_window=9,
+                                                    dead_feature_threshold=1e-4))
     assert (tr.feature_sampling_window, tr.dead_feature_window, tr.dead_feature_threshold) == (7, 9, 1e-4)

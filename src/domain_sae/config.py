@@ -14,22 +14,16 @@ import json
 import math
 import types
 import typing
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal, Optional, get_args, get_origin
+
+from .config_arch import ArchitectureConfig, FastPathConfig
+from .config_fields import opt
 
 
 class ConfigError(ValueError):
     """A configuration problem the user can fix; the message names the option and the fix."""
-
-
-def opt(default: Any, help: str, *, group: str = "", cli: Optional[str] = None, aliases: tuple[str, ...] = ()):
-    """A config field with documentation. ``cli`` overrides the flag name, ``aliases`` are accepted file keys
-    (e.g. SAELens's ``hook_name`` for our ``hook``)."""
-    meta = {"help": help, "group": group, "cli": cli, "aliases": aliases}
-    if isinstance(default, (list, dict)):
-        return field(default_factory=lambda d=default: type(d)(d), metadata=meta)
-    return field(default=default, metadata=meta)
 
 
 DEFAULT_MODEL = "smollm2-135m-instruct"
@@ -74,7 +68,9 @@ class DataConfig:
 class SAEConfig:
     """Shape, initialisation and loss of the standard (ReLU + L1) SAE; SPEC section 1."""
 
-    architecture: Literal["standard"] = opt("standard", "SAE architecture (standard = ReLU + L1).", group="sae")
+    architecture: Literal["standard", "topk", "batchtopk", "jumprelu", "matryoshka"] = opt(
+        "standard", "SAE architecture: standard (ReLU + L1), topk, batchtopk, jumprelu, matryoshka (README "
+        "\"Architectures\"; options in the architecture group).", group="sae")
     expansion_factor: int = opt(4, "d_sae = expansion_factor * d_in (ignored when d_sae is set).", group="sae")
     d_sae: Optional[int] = opt(None, "Number of latents; default expansion_factor * d_in.", group="sae")
     apply_b_dec_to_input: bool = opt(False, "Subtract b_dec from the input before encoding: z = (x - b_dec) W_enc + "
@@ -101,7 +97,7 @@ class SAEConfig:
 
 
 @dataclass
-class TrainConfig(DataConfig, SAEConfig):
+class TrainConfig(FastPathConfig, ArchitectureConfig, DataConfig, SAEConfig):
     """Everything `dsae train` needs."""
 
     training_tokens: int = opt(1_000_000, "Total tokens to train on (steps = training_tokens // "
@@ -211,6 +207,8 @@ class TrainConfig(DataConfig, SAEConfig):
              f"{steps} training steps; shorten them or raise training_tokens.")
         need(self.feature_sampling_window > 0 and self.dead_feature_window > 0,
              "feature_sampling_window and dead_feature_window must be positive.")
+        for problem in self.architecture_problems():
+            raise ConfigError(problem)
         if self.normalize_sae_decoder:
             clash = [n for n in ("decoder_heuristic_init", "scale_sparsity_penalty_by_decoder_norm")
                      if getattr(self, n)]

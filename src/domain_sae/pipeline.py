@@ -100,15 +100,24 @@ def activation_scale(sample: torch.Tensor) -> float:
 
 
 def new_sae(cfg: TrainConfig, d_in: int, metadata: dict):
-    from .sae.standard import SAEModelConfig, StandardSAE
+    """An uninitialised SAE of ``cfg.architecture`` (class from :mod:`domain_sae.sae.registry`)."""
+    from .sae.model_config import SAEModelConfig
+    from .sae.registry import get_sae_class
     d_sae = cfg.d_sae or cfg.expansion_factor * d_in
+    widths = list(cfg.matryoshka_widths) or ([d_sae // 8, d_sae // 4, d_sae // 2, d_sae]
+                                             if cfg.architecture == "matryoshka" else [])
     mcfg = SAEModelConfig(architecture=cfg.architecture, d_in=d_in, d_sae=d_sae, dtype=cfg.dtype,
                           apply_b_dec_to_input=cfg.apply_b_dec_to_input,
                           normalize_activations=cfg.normalize_activations,
                           mse_loss_normalization=cfg.mse_loss_normalization, lp_norm=cfg.lp_norm,
                           scale_sparsity_penalty_by_decoder_norm=cfg.scale_sparsity_penalty_by_decoder_norm,
-                          normalize_sae_decoder=cfg.normalize_sae_decoder, metadata=metadata)
-    return StandardSAE(mcfg)
+                          normalize_sae_decoder=cfg.normalize_sae_decoder, k=cfg.k,
+                          aux_k_coefficient=cfg.aux_k_coefficient, aux_k=cfg.aux_k,
+                          topk_threshold_lr=cfg.topk_threshold_lr, jumprelu_bandwidth=cfg.jumprelu_bandwidth,
+                          jumprelu_init_threshold=cfg.jumprelu_init_threshold,
+                          jumprelu_sparsity_loss=cfg.jumprelu_sparsity_loss,
+                          jumprelu_tanh_scale=cfg.jumprelu_tanh_scale, matryoshka_widths=widths, metadata=metadata)
+    return get_sae_class(cfg.architecture)(mcfg)
 
 
 def sae_metadata(cfg: TrainConfig, lm_name: str) -> dict:

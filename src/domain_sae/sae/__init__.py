@@ -1,4 +1,5 @@
-"""Sparse autoencoders: the standard (ReLU + L1) SAE, its initialisation and SAELens-compatible save/load.
+"""Sparse autoencoders: the SAE contract (base), the architectures (standard, topk, batchtopk, jumprelu,
+matryoshka), sparse kernels, initialisation and SAELens-compatible save/load.
 
 Imports are lazy so that ``import domain_sae.sae`` stays cheap and never pulls optional packages.
 """
@@ -8,12 +9,15 @@ from __future__ import annotations
 from typing import Any
 
 _EXPORTS = {
-    "SAEModelConfig": ".standard", "StandardSAE": ".standard", "LossOutput": ".standard",
-    "SAECompatibilityError": ".standard", "check_compatible": ".standard",
+    "SAE": ".base", "BaseSAE": ".base", "LossOutput": ".base", "check_compatible": ".base",
+    "SAEModelConfig": ".model_config", "SAECompatibilityError": ".model_config",
+    "UnsupportedArchitectureError": ".model_config", "ARCHITECTURES": ".model_config",
+    "StandardSAE": ".standard", "TopKSAE": ".topk", "BatchTopKSAE": ".topk", "MatryoshkaSAE": ".topk",
+    "JumpReLUSAE": ".jumprelu", "SparseLatents": ".sparse",
     "initialize": ".init", "geometric_median": ".init",
-    "load_sae": ".io", "save_sae": ".io", "load_sparsity": ".io", "read_cfg": ".io", "from_saelens": ".io",
-    "SAEFormatError": ".io", "SAESourceError": ".io",
-    "get_sae_class": ".registry", "UnsupportedArchitectureError": ".registry",
+    "load_sae": ".io", "from_saelens": ".io", "SAESourceError": ".io",
+    "save_sae": ".format", "load_sparsity": ".format", "read_cfg": ".format", "SAEFormatError": ".format",
+    "get_sae_class": ".registry", "supported_architectures": ".registry",
 }
 
 __all__ = sorted(_EXPORTS)

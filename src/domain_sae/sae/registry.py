@@ -1,43 +1,34 @@
-"""Architecture name (cfg.json ``architecture``) -> SAE class.
+"""Architecture name (cfg.json / the ``architecture`` option) -> SAE class.
 
-Only ``standard`` (ReLU + L1) is implemented; the other SAELens architectures are recognised so that loading one
-fails with a clear "not supported yet" message instead of silently computing the wrong function.
+Every name in :data:`~.model_config.ARCHITECTURES` has a class here; other SAELens architectures are refused by
+name with :class:`UnsupportedArchitectureError` (raised by :func:`~.model_config.canonical_architecture`).
 """
 
 from __future__ import annotations
 
-from ..errors import UserError
+from .base import BaseSAE
+from .jumprelu import JumpReLUSAE
+from .model_config import (ARCHITECTURES, KNOWN_UNSUPPORTED, UnsupportedArchitectureError,
+                           canonical_architecture)
+from .standard import StandardSAE
+from .topk import BatchTopKSAE, MatryoshkaSAE, TopKSAE
 
-#: architectures SAELens (or the SPEC) knows that this package cannot run yet.
-KNOWN_UNSUPPORTED = ("topk", "batchtopk", "abstopk", "jumprelu", "gated", "matryoshka_batchtopk", "transcoder",
-                     "skip_transcoder", "jumprelu_transcoder", "jumprelu_skip_transcoder", "temporal",
-                     "matching_pursuit")
+__all__ = ["get_sae_class", "sae_classes", "supported_architectures", "UnsupportedArchitectureError",
+           "KNOWN_UNSUPPORTED"]
+
+_CLASSES: dict[str, type[BaseSAE]] = {c.architecture: c for c in (StandardSAE, TopKSAE, BatchTopKSAE, JumpReLUSAE,
+                                                                   MatryoshkaSAE)}
+assert tuple(sorted(_CLASSES)) == tuple(sorted(ARCHITECTURES)), "registry and ARCHITECTURES disagree"
 
 
-class UnsupportedArchitectureError(UserError):
-    """The SAE uses an architecture this package does not implement (yet)."""
-
-
-def _classes() -> dict[str, type]:
-    from .standard import StandardSAE
-    return {"standard": StandardSAE}
+def sae_classes() -> dict[str, type[BaseSAE]]:
+    return dict(_CLASSES)
 
 
 def supported_architectures() -> list[str]:
-    return sorted(_classes())
+    return sorted(_CLASSES)
 
 
-def get_sae_class(architecture: str, *, where: str = "") -> type:
+def get_sae_class(architecture: str, *, where: str = "") -> type[BaseSAE]:
     """The class for ``architecture``; raises :class:`UnsupportedArchitectureError` naming what is supported."""
-    name = str(architecture or "standard").lower()
-    classes = _classes()
-    if name in classes:
-        return classes[name]
-    src = f" ({where})" if where else ""
-    if name in KNOWN_UNSUPPORTED:
-        raise UnsupportedArchitectureError(
-            f"SAE architecture {name!r}{src} is not supported yet: domain-sae currently runs only "
-            f"{', '.join(supported_architectures())} (ReLU + L1) SAEs. Load it with SAELens instead, or train a "
-            f"standard SAE.")
-    raise UnsupportedArchitectureError(
-        f"Unknown SAE architecture {name!r}{src}; supported: {', '.join(supported_architectures())}.")
+    return _CLASSES[canonical_architecture(architecture, where=where)]

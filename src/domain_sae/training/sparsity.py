@@ -19,22 +19,18 @@ from typing import Any, Optional
 
 import torch
 
+from ..config import TrainConfig
+
 __all__ = ["SparsityTracker"]
 
 EPS = 1e-10
 
 
 class SparsityTracker:
-    """Firing statistics of ``d_sae`` latents. ``SparsityTracker(d_sae, cfg)`` reads the three windows from a
-    TrainConfig; otherwise pass them as arguments."""
+    """Firing statistics of ``d_sae`` latents (windows as arguments, or :meth:`from_config`)."""
 
-    def __init__(self, d_sae: int, feature_sampling_window: Any = 1000, dead_feature_window: int = 1000,
+    def __init__(self, d_sae: int, feature_sampling_window: int = 1000, dead_feature_window: int = 1000,
                  dead_feature_threshold: float = 1e-8):
-        if hasattr(feature_sampling_window, "feature_sampling_window"):  # a TrainConfig
-            cfg = feature_sampling_window
-            feature_sampling_window = cfg.feature_sampling_window
-            dead_feature_window = cfg.dead_feature_window
-            dead_feature_threshold = cfg.dead_feature_threshold
         if feature_sampling_window <= 0 or dead_feature_window <= 0:
             raise ValueError("feature_sampling_window and dead_feature_window must be positive.")
         self.d_sae = int(d_sae)
@@ -51,6 +47,11 @@ class SparsityTracker:
         self.last_window: Optional[dict[str, float]] = None
         self._pending: Optional[dict[str, float]] = None
 
+    @classmethod
+    def from_config(cls, d_sae: int, cfg: TrainConfig) -> "SparsityTracker":
+        """The tracker with the three windows of a TrainConfig."""
+        return cls(d_sae, cfg.feature_sampling_window, cfg.dead_feature_window, cfg.dead_feature_threshold)
+
     def _to(self, device: torch.device) -> None:
         if self.steps_since_fired.device != device:
             self.steps_since_fired = self.steps_since_fired.to(device)
@@ -62,14 +63,19 @@ class SparsityTracker:
         """Account one optimizer step's latents ``f`` [B, d_sae]. Returns the window statistics when this step
         closes a sampling window, else None."""
         f = f.detach().reshape(-1, self.d_sae)
-        self._to(f.device)
-        fired = (f > 0).sum(0)
+        return self.update_counts((f > 0).sum(0), f.shape[0])
+
+    @torch.no_grad()
+    def update_counts(self, fired: torch.Tensor, n_tokens: int) -> Optional[dict[str, float]]:
+        """Account one step from ``fired`` [d_sae] = #{tokens : f_i > 0} over ``n_tokens`` tokens (what
+        :meth:`update` computes from f; sparse latents give it without densifying)."""
+        self._to(fired.device)
         self.window_counts += fired
         self.total_counts += fired
         # (torch.where, not masked assignment: no host sync on GPU)
         self.steps_since_fired = torch.where(fired > 0, 0, self.steps_since_fired + 1)
-        self.window_tokens += f.shape[0]
-        self.total_tokens += f.shape[0]
+        self.window_tokens += int(n_tokens)
+        self.total_tokens += int(n_tokens)
         self.window_steps += 1
         self.steps += 1
         if self.window_steps >= self.feature_sampling_window:

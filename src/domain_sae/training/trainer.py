@@ -2,11 +2,15 @@
 
 Per optimizer step t (0-based), with s the activation scale (SPEC 1):
 
-    x' = s * x;  L = sae.loss(x', lambda_t);  L.backward()
+    x' = s * x;  L = sae.loss(x', lambda_t, dead_mask=dead latents);  L.backward()   (under bf16 autocast on CUDA)
     if normalize_sae_decoder: remove the gradient component parallel to each decoder row
     clip the global gradient norm to grad_clip_norm;  lr <- lr_at(t);  Adam step
     if normalize_sae_decoder: renormalise decoder rows to unit norm
-    sparsity tracker update
+    sparsity tracker update (firing counts stay on the device)
+
+The SAE is anything implementing :class:`domain_sae.sae.base.SAE`; the device options (TF32, autocast, fused
+Adam, torch.compile) are in :mod:`.fastpath`. Host reads of device values happen only at log steps (and, on
+accelerators, the dead-latent count AuxK needs is refreshed there too).
 
 Every ``log_every`` steps (and at the last step) the SPEC 3 keys are logged; every ``eval_every`` logs the
 evaluator runs on a folded copy of the SAE. Checkpoints: ``n_checkpoints`` evenly spaced ones (a usable folded
@@ -34,20 +38,22 @@ from ..activations.store import SourceExhaustedError
 from ..errors import UserError
 from ..evaluation.metrics import ReconstructionAccumulator
 from ..markdown import escape_markdown
+from ..sae.base import SAE, LossOutput
 from . import checkpoint as ckpt
+from . import fastpath
 from .loggers import METRICS_FILE, JSONLLogger, Logger, MultiLogger
 from .plots import last_values, plot_training_curves, summary_table
 from .schedules import l1_at, lr_at
 from .sparsity import SparsityTracker
 
 __all__ = ["Trainer", "TrainingInterrupted", "TrainingDivergedError", "check_divergence", "batch_metrics",
-           "checkpoint_steps", "remove_parallel_grad", "normalize_decoder_rows"]
+           "checkpoint_steps"]
 
 # Options whose change makes a resumed loss trace differ from the checkpointed run's.
 _TRACE_OPTIONS = ("training_tokens", "train_batch_size_tokens", "buffer_size_tokens", "lr", "lr_scheduler_name",
                   "lr_warm_up_steps", "lr_decay_steps", "lr_end", "l1_coefficient", "l1_warm_up_steps",
                   "adam_beta1", "adam_beta2", "grad_clip_norm", "seed", "normalize_sae_decoder", "data", "model",
-                  "hook", "context_size")
+                  "hook", "context_size", "architecture", "k", "kernels", "autocast")
 
 
 class TrainingInterrupted(KeyboardInterrupt):
@@ -62,22 +68,6 @@ def checkpoint_steps(total_steps: int, n_checkpoints: int) -> list[int]:
     """Steps after which the ``n_checkpoints`` evenly spaced intermediate checkpoints are written:
     floor(T * k / (n + 1)) for k = 1..n (the final save at T is separate)."""
     return sorted({total_steps * k // (n_checkpoints + 1) for k in range(1, n_checkpoints + 1)} - {0, total_steps})
-
-
-@torch.no_grad()
-def remove_parallel_grad(W_dec: torch.Tensor) -> None:
-    """grad_i <- grad_i - <grad_i, u_i> u_i with u_i = W_dec,i / ||W_dec,i|| (rows are decoder directions).
-    Used for SAEs that lack ``remove_gradient_parallel_to_decoder_directions``."""
-    if W_dec.grad is None:
-        return
-    u = W_dec / W_dec.norm(dim=1, keepdim=True).clamp_min(1e-12)
-    W_dec.grad -= (W_dec.grad * u).sum(dim=1, keepdim=True) * u
-
-
-@torch.no_grad()
-def normalize_decoder_rows(W_dec: torch.Tensor) -> None:
-    """W_dec,i <- W_dec,i / ||W_dec,i|| (for SAEs that lack ``set_decoder_norm_to_unit_norm``)."""
-    W_dec /= W_dec.norm(dim=1, keepdim=True).clamp_min(1e-12)
 
 
 @torch.no_grad()
@@ -126,7 +116,7 @@ class Trainer:
     ``evaluator(sae) -> dict`` receives a folded copy (takes raw activations); ``activation_scale`` is s.
     """
 
-    def __init__(self, sae, cfg, source, run_dir: str | Path, loggers: Optional[Iterable[Logger]] = None,
+    def __init__(self, sae: SAE, cfg, source, run_dir: str | Path, loggers: Optional[Iterable[Logger]] = None,
                  evaluator: Optional[Callable[[Any], dict]] = None, activation_scale: float = 1.0, *,
                  verbose: bool = True):
         self.sae = sae
@@ -140,11 +130,14 @@ class Trainer:
         self.evaluator = evaluator
         self.activation_scale = float(activation_scale)
         self.verbose = verbose
-        p = next(sae.parameters())
-        self.device, self.dtype = p.device, p.dtype
-        self.optimizer = torch.optim.Adam(sae.parameters(), lr=cfg.lr, betas=(cfg.adam_beta1, cfg.adam_beta2),
-                                          weight_decay=0.0)
-        self.tracker = SparsityTracker(int(sae.W_dec.shape[0]), cfg)
+        self.device, self.dtype = sae.W_enc.device, sae.W_enc.dtype
+        sae.configure_kernels(cfg.kernels, cfg.sparse_density_threshold)
+        fastpath.configure_matmul_precision(cfg, self.device)
+        self.optimizer = fastpath.make_optimizer(sae.parameters(), cfg, self.device)
+        self._loss = fastpath.loss_function(sae, cfg)
+        self._sync_every = fastpath.host_sync_every(cfg, self.device)
+        self._n_dead = 0  # host copy of the dead-latent count, refreshed every _sync_every steps
+        self.tracker = SparsityTracker.from_config(int(sae.W_dec.shape[0]), cfg)
         self.total_steps = int(cfg.total_steps)
         self.step = 0
         self.tokens = 0
@@ -174,25 +167,25 @@ class Trainer:
         lr, l1 = lr_at(self.step, cfg), l1_at(self.step, cfg)
         for group in self.optimizer.param_groups:
             group["lr"] = lr
-        out = self.sae.loss(x, l1)
-        self._loss_ref = check_divergence(out.total, self._loss_ref, step=self.step + 1,
-                                          total_steps=self.total_steps, lr=lr, l1=l1, run_dir=self.run_dir)
+        sync = self.step % self._sync_every == 0  # host reads only on sync steps (every step on CPU)
+        if sync:
+            self._n_dead = int(self.tracker.dead_mask().sum())
+        dead = self.tracker.dead_mask() if self._n_dead > 0 else None
+        with fastpath.autocast_context(cfg, self.device):
+            out: LossOutput = self._loss(x, l1, dead_mask=dead, n_dead=self._n_dead if dead is not None else None)
+        if sync:
+            self._loss_ref = check_divergence(out.total, self._loss_ref, step=self.step + 1,
+                                              total_steps=self.total_steps, lr=lr, l1=l1, run_dir=self.run_dir)
         self.optimizer.zero_grad(set_to_none=True)
         out.total.backward()
         if cfg.normalize_sae_decoder:
-            if hasattr(self.sae, "remove_gradient_parallel_to_decoder_directions"):
-                self.sae.remove_gradient_parallel_to_decoder_directions()
-            else:
-                remove_parallel_grad(self.sae.W_dec)
+            self.sae.remove_gradient_parallel_to_decoder_directions()
         if cfg.grad_clip_norm and cfg.grad_clip_norm > 0:
             torch.nn.utils.clip_grad_norm_(self.sae.parameters(), cfg.grad_clip_norm)
         self.optimizer.step()
         if cfg.normalize_sae_decoder:
-            if hasattr(self.sae, "set_decoder_norm_to_unit_norm"):
-                self.sae.set_decoder_norm_to_unit_norm()
-            else:
-                normalize_decoder_rows(self.sae.W_dec)
-        self.tracker.update(out.f)
+            self.sae.set_decoder_norm_to_unit_norm()
+        self.tracker.update_counts(out.fired_counts(), x.shape[0])
         return x, out, lr, l1
 
     def _log(self, x, out, lr: float, l1: float) -> dict:
@@ -201,7 +194,8 @@ class Trainer:
                "losses/raw_l1_loss": float(out.raw_l1.detach()), "losses/overall_loss": float(out.total.detach()),
                **batch_metrics(x, out.x_hat.detach(), out.f.detach()),
                "details/current_learning_rate": lr, "details/current_l1_coefficient": l1,
-               "details/n_training_tokens": self.tokens, **self.tracker.step_metrics()}
+               "details/n_training_tokens": self.tokens, **self.tracker.step_metrics(),
+               **{f"losses/{k}": float(v.detach()) for k, v in out.log_terms().items()}}
         window = self.tracker.pop_window_stats()
         if window:
             rec.update(window)
