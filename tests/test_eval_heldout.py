@@ -111,3 +111,13 @@ def test_cli_and_python_caller_agree(tmp_path, tiny_lm, monkeypatch):
     assert from_cli["results"] == py["results"]
     assert py["config"]["holdout_fraction"] == 0.2
     assert (tmp_path / "cli" / "eval.md").read_text() == (tmp_path / "py" / "eval.md").read_text()
+
+
+def test_eval_help_lists_the_new_options(capsys):
+    with pytest.raises(SystemExit) as e:
+        cli.main(["eval", "--help"])
+    assert e.value.code == 0
+    text = capsys.readouterr().out
+    for flag in ("--splice-all-positions", "--n-bootstrap", "--heldout-tokens-per-document", "--holdout-fraction",
+                 "--context-size", "--deduplicate"):
+        assert flag in text

@@ -227,8 +227,8 @@ class EvalConfig(DataConfig):
     eval_tokens: int = opt(16384, "Held-out tokens to evaluate on per dataset (before special-token exclusion).",
                            group="eval", cli="--tokens")
     seed: int = opt(0, "Seed of the bootstrap over documents that gives the error bars.", group="eval")
-    n_bootstrap: int = opt(1000, "Bootstrap replicates over documents for every metric's standard error and 95% "
-                           "interval (0 disables).", group="eval")
+    n_bootstrap: int = opt(1000, "Bootstrap replicates over documents for every metric's standard error and 95 "
+                           "percent interval (0 disables).", group="eval")
     splice_all_positions: bool = opt(False, "Splice the SAE's reconstruction (and the ablations) in at every "
                                      "position, SAELens's convention; default: only at the positions the SAE "
                                      "trains on (its training mask: no padding, no special tokens).", group="eval")
