@@ -135,3 +135,11 @@ def test_duplicates_removed_before_the_split_and_on_the_same_side(tmp_path, smol
     kept = TokenStream(cfg_for(spec, deduplicate=False), smol_tokenizer, split="train")
     assert len(list(kept.documents())) + len(list(TokenStream(cfg_for(spec, deduplicate=False), smol_tokenizer,
                                                               split="heldout").documents())) == len(texts + dups)
+
+
+def test_max_documents_bounds_the_reading(corpus, smol_tokenizer):
+    texts, spec = corpus
+    s = heldout_batch(cfg_for(spec, heldout_max_documents=10), smol_tokenizer, 64)
+    first10 = [t for t in texts if is_heldout(Document(text=t), 0.5)][:10]
+    assert s.heldout_documents == 10
+    assert set(s.documents) <= {document_digest(Document(text=t)).hex() for t in first10}

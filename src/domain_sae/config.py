@@ -70,6 +70,9 @@ class DataConfig:
     heldout_tokens_per_document: Optional[int] = opt(
         256, "Held-out sampling: at most this many tokens from any one document (a span at a seeded random offset), "
         "so an evaluation covers many documents; null = whole documents.", group="data")
+    heldout_max_documents: Optional[int] = opt(
+        20000, "Held-out sampling: read at most this many held-out documents (the first ones of the source) to "
+        "sample from, so a large streamed dataset is not read to the end; null = the whole split.", group="data")
     heldout_seed: int = opt(0, "Held-out sampling: seed of the document order and span offsets (the same for the "
                             "in-training evaluation and dsae eval).", group="data")
     streaming: bool = opt(True, "Stream hub datasets instead of downloading them whole.", group="data")

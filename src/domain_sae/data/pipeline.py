@@ -161,13 +161,15 @@ def heldout_batch(cfg, tokenizer, n_tokens: int, *, source: Optional[DocumentSou
     still works) of ``N = ceil(n_tokens / context_size)`` windows drawn from many documents across the whole split
     (:mod:`~domain_sae.data.sampling`: seeded by ``cfg.heldout_seed``, at most ``cfg.heldout_tokens_per_document``
     tokens per document). Deterministic; fewer windows (with a warning) when the split is smaller;
-    :class:`DataError` when it gives none. Reads every document of the source (bounded by ``max_rows``)."""
+    :class:`DataError` when it gives none. Reads the source until ``cfg.heldout_max_documents`` held-out documents
+    were found (or to its end, bounded by ``max_rows``)."""
     stream = TokenStream(cfg, tokenizer, split="heldout", repeat=False, source=source)
     return sample_windows(stream.keyed_documents(), tokenizer, n_tokens=n_tokens, context_size=cfg.context_size,
                           bos_id=stream.bos_id, pad_id=stream.pad_id, prepend_bos=cfg.prepend_bos,
                           one_document_per_sequence=cfg.one_document_per_sequence,
                           max_tokens_per_document=cfg.heldout_tokens_per_document, seed=cfg.heldout_seed,
-                          duplicates_removed=lambda: stream.duplicates_removed, description=stream.description)
+                          duplicates_removed=lambda: stream.duplicates_removed, description=stream.description,
+                          max_documents=cfg.heldout_max_documents)
 
 
 def model_max_positions(model) -> Optional[int]:

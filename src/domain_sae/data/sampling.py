@@ -6,7 +6,8 @@ Given the held-out split's documents (deduplicated, see :mod:`.splits`), each wi
    documents are taken in increasing ``r``: a uniformly random order of the whole split that depends only on the
    documents' content and ``seed`` (not on file order, streaming or ``max_rows`` beyond which documents exist).
    Only the ``K = N * ctx`` smallest priorities are kept while streaming (a bounded heap; each document gives at
-   least one token, so K is always enough).
+   least one token, so K is always enough). With ``max_documents`` M, only the first M held-out documents of the
+   source are read (a bound for large streamed datasets; the sample then depends on which documents come first).
 2. Span. A document of L tokens (after tokenization, with its BOS) gives all of them when ``L <= cap``
    (``cap = max_tokens_per_document``; None = no cap), else the span ``[o, o + cap)`` with offset
    ``o = blake2b(b"offset" + seed + g) mod (L - cap + 1)``. A span that starts inside the document (o > 0) is
@@ -94,11 +95,14 @@ def span_offset(digest: bytes, seed: int, length: int, cap: Optional[int]) -> in
     return _hash8(b"offset", seed, digest) % (length - cap + 1)
 
 
-def _smallest(keyed_docs: Iterable[tuple[bytes, Document]], seed: int, k: int) -> tuple[list, int]:
-    """The k documents of smallest priority, sorted, and the number of documents seen."""
+def _smallest(keyed_docs: Iterable[tuple[bytes, Document]], seed: int, k: int,
+              max_documents: Optional[int]) -> tuple[list, int]:
+    """The k documents of smallest priority, sorted, and the number of documents seen (at most max_documents)."""
     heap: list = []  # max-heap on priority via negation
     n = 0
     for digest, doc in keyed_docs:
+        if max_documents is not None and n >= max_documents:
+            break
         n += 1
         item = (-document_priority(digest, seed), digest, doc)
         if len(heap) < k:
@@ -154,10 +158,11 @@ def _span(ids: list[int], segs: list[int], digest: bytes, seed: int, cap: Option
 def sample_windows(keyed_docs: Iterable[tuple[bytes, Document]], tokenizer, *, n_tokens: int, context_size: int,
                    bos_id: Optional[int], pad_id: int, prepend_bos: bool, one_document_per_sequence: bool,
                    max_tokens_per_document: Optional[int], seed: int, duplicates_removed=lambda: 0,
-                   description: str = "held-out split") -> HeldoutSample:
+                   description: str = "held-out split", max_documents: Optional[int] = None) -> HeldoutSample:
     """The :class:`HeldoutSample` of ``ceil(n_tokens / context_size)`` windows from ``keyed_docs`` (``(digest,
     document)`` of the held-out split, e.g. ``TokenStream.keyed_documents()``), by the module docstring's steps.
-    ``duplicates_removed`` is called after the documents are read (the count the reader kept)."""
+    ``duplicates_removed`` is called after the documents are read (the count the reader kept); ``heldout_documents``
+    of the result counts the held-out documents read (all of them unless ``max_documents`` stopped the reading)."""
     if n_tokens <= 0:
         raise ValueError(f"n_tokens must be positive (got {n_tokens}).")
     cap = max_tokens_per_document
@@ -165,7 +170,7 @@ def sample_windows(keyed_docs: Iterable[tuple[bytes, Document]], tokenizer, *, n
         raise DataError(f"heldout_tokens_per_document must be at least 1 or null (got {cap}).")
     ctx = int(context_size)
     n_windows = max(1, math.ceil(n_tokens / ctx))
-    chosen, n_heldout = _smallest(keyed_docs, seed, n_windows * ctx)
+    chosen, n_heldout = _smallest(keyed_docs, seed, n_windows * ctx, max_documents)
     packer = _Packer(ctx, bos_id, pad_id, prepend_bos, one_document_per_sequence)
     for start in range(0, len(chosen), _TOKENIZE_BATCH):
         if len(packer.windows) >= n_windows:
