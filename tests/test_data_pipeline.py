@@ -18,7 +18,8 @@ from domain_sae.data.formatting import tokenize_document
 from domain_sae.data.packing import pack
 from domain_sae.data.segments import ASSISTANT, SPECIAL, TEXT, USER
 from domain_sae.data.sources import DataError, Document, open_source
-from domain_sae.data.splits import heldout_score, is_heldout
+from domain_sae.data.sampling import document_priority
+from domain_sae.data.splits import document_digest, heldout_score, is_heldout
 from domain_sae.data.pipeline import TokenStream, check_context_size, heldout_batch
 
 WORDS = "alpha beta gamma delta epsilon zeta eta theta iota kappa lambda mu nu xi omicron pi rho sigma".split()
@@ -50,12 +51,13 @@ def cfg_for(spec, **kw):
 # splits
 
 def test_heldout_score_is_blake2b_of_the_content():
-    doc = Document(text="hello")
-    digest = hashlib.blake2b(b"text\0hello", digest_size=8).digest()
-    assert heldout_score(doc) == int.from_bytes(digest, "big") / 2**64
-    chat = Document(messages=[{"role": "user", "content": "hé"}])
-    canon = json.dumps(chat.messages, sort_keys=True, ensure_ascii=False, separators=(",", ":")).encode()
-    assert heldout_score(chat) == int.from_bytes(hashlib.blake2b(b"chat\0" + canon, digest_size=8).digest(),
+    doc = Document(text="  hello \n\t world ")
+    digest = hashlib.blake2b(b"text\0hello world", digest_size=16).digest()
+    assert heldout_score(doc) == int.from_bytes(digest[:8], "big") / 2**64
+    chat = Document(messages=[{"role": "user", "content": "h\u00e9  there"}])
+    canon = json.dumps([{"role": "user", "content": "h\u00e9 there"}], sort_keys=True, ensure_ascii=False,
+                       separators=(",", ":")).encode()
+    assert heldout_score(chat) == int.from_bytes(hashlib.blake2b(b"chat\0" + canon, digest_size=16).digest()[:8],
                                                  "big") / 2**64
     assert not is_heldout(doc, 0.0) and is_heldout(doc, 1.0)
 
@@ -195,10 +197,15 @@ def test_builtin_chat_heldout_segments(smol_tokenizer):
     assert {SPECIAL, USER, ASSISTANT} <= codes
     im_start = smol_tokenizer.convert_tokens_to_ids("<|im_start|>")
     assert (segs[ids == im_start] == SPECIAL).all()
-    # the first held-out conversation is where the batch starts
-    first = next(d for d in open_source("chat") if is_heldout(d, cfg.holdout_fraction))
+    # the batch starts with the held-out conversation of smallest sampling priority (from its start when it is
+    # no longer than the per-document cap)
+    held = [(document_priority(document_digest(d), cfg.heldout_seed), i, d)
+            for i, d in enumerate(open_source("chat")) if is_heldout(d, cfg.holdout_fraction)]
+    first = min(held)[2]
     first_ids, _ = tokenize_document(first, smol_tokenizer)
-    assert ids[0].tolist() == first_ids[:64]
+    assert len(first_ids) <= cfg.heldout_tokens_per_document
+    n = min(64, len(first_ids))
+    assert ids[0].tolist()[:n] == first_ids[:n]
 
 
 def test_builtin_code_sequences(smol_tokenizer):

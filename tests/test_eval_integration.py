@@ -11,14 +11,11 @@ import json
 import pytest
 import torch
 
-for _mod in ("domain_sae.models.load", "domain_sae.models.hooks", "domain_sae.data.pipeline", "domain_sae.sae.io",
-             "domain_sae.sae.standard"):
-    pytest.importorskip(_mod, reason=f"{_mod} (another helper's area) is needed")
-
-from domain_sae.config import EvalConfig, TrainConfig  # noqa: E402
-from domain_sae.data.pipeline import heldout_batch  # noqa: E402
-from domain_sae.evaluation import EvalCompatibilityError, eval_matrix, evaluate_sae  # noqa: E402
-from domain_sae.pipeline import new_sae  # noqa: E402
+from domain_sae.config import DataConfig, EvalConfig, TrainConfig
+from domain_sae.data.pipeline import heldout_batch
+from domain_sae.evaluation import EvalCompatibilityError, eval_matrix, evaluate_sae, resolve_eval_config
+from domain_sae.pipeline import new_sae
+from domain_sae.sae.io import load_sae
 
 HOOK = "blocks.0.hook_resid_post"
 D = 32
@@ -38,7 +35,8 @@ def _save_sae(path, seed, model_name="tiny-llama", data="chat"):
 
 
 def _cfg():
-    return EvalConfig(model="tiny-llama", hook=HOOK, context_size=32, eval_tokens=192, model_batch_size=4)
+    return EvalConfig(model="tiny-llama", hook=HOOK, context_size=32, eval_tokens=192, model_batch_size=4,
+                      heldout_tokens_per_document=48, n_bootstrap=100)
 
 
 def test_eval_matrix_on_saved_saes_and_builtin_heldout(tiny_lm, tmp_path):
@@ -47,15 +45,21 @@ def test_eval_matrix_on_saved_saes_and_builtin_heldout(tiny_lm, tmp_path):
     assert json.loads((tmp_path / "eval" / "eval.json").read_text()) == out  # byte-identical reruns: runner tests
     assert len(out["results"]) == 4
 
-    from domain_sae.sae.io import load_sae
+    resolved, _ = resolve_eval_config(_cfg(), [load_sae(d) for d in dirs], ["chat_sae", "code_sae"])
     for spec in ["chat", "code"]:
-        ids, segs = heldout_batch(dataclasses.replace(_cfg(), data=spec), tiny_lm.tokenizer, 192)
+        sample = heldout_batch(dataclasses.replace(resolved, data=spec), tiny_lm.tokenizer, 192)
+        ids, segs = sample
         assert out["datasets"][spec]["tokens"]["tokens/total"] == ids.numel()
-        ref = evaluate_sae(load_sae(dirs[0]), tiny_lm, HOOK, ids, segs, batch_size=4)
+        assert out["datasets"][spec]["sampling"]["documents"] == sample.n_documents > 1
+        ref = evaluate_sae(load_sae(dirs[0]), tiny_lm, HOOK, ids, segs, batch_size=4, doc_ids=sample.doc_ids,
+                           n_bootstrap=resolved.n_bootstrap, bootstrap_seed=resolved.seed)
         row = next(r for r in out["results"] if r["sae"] == "chat_sae" and r["dataset"] == spec)
         for key in ["metrics/ce_loss_score", "metrics/ce_loss_with_sae", "metrics/kl_div_with_sae",
                     "metrics/explained_variance", "metrics/l0", "tokens/lm_counted"]:
             assert row["metrics"][key] == pytest.approx(ref[key], rel=1e-12), (spec, key)
+            if not key.startswith("tokens/"):
+                se = row["errors"]["overall"][key]["se"]
+                assert se == pytest.approx(ref["errors"]["overall"][key]["se"], rel=1e-9, nan_ok=True), (spec, key)
         assert row["metrics"]["tokens/lm_counted"] < ids.numel()  # BOS / template markers were excluded
     chat_row = next(r for r in out["results"] if r["dataset"] == "chat")
     assert {"user", "assistant"} <= set(chat_row["segments"])
@@ -74,7 +78,7 @@ def test_identity_sae_on_the_real_model(smol_lm):
     """On SmolLM2-135M and real held-out chat: an exact reconstruction changes nothing; the clean CE is that of a
     trained model (far below log(vocab) = 10.8 nats)."""
     from test_eval_lm import identity_sae
-    cfg = dataclasses.replace(EvalConfig(), data="chat", context_size=64)
+    cfg = DataConfig(data="chat", context_size=64)
     ids, segs = heldout_batch(cfg, smol_lm.tokenizer, 512)
     out = evaluate_sae(identity_sae(576), smol_lm, "blocks.3.hook_resid_post", ids, segs, batch_size=4,
                        mean_ablation=True)

@@ -13,8 +13,6 @@ import torch.nn.functional as F
 from conftest import make_tiny_model
 from domain_sae.evaluation import MetricError, evaluate_sae, make_evaluator, token_counts
 
-hooks = pytest.importorskip("domain_sae.models.hooks", reason="models/hooks.py (another helper's area) is needed")
-
 VOCAB, D = 101, 32
 HOOK = "blocks.0.hook_resid_post"  # output of decoder layer 0
 PAD, SPECIAL, TEXT, USER, ASSISTANT, TEMPLATE = -1, 0, 1, 2, 3, 4
@@ -108,6 +106,16 @@ def _counted(segs):
     return (segs[:, :-1] != PAD) & (segs[:, 1:] != PAD) & (segs[:, 1:] != SPECIAL)
 
 
+def _content(segs):
+    """Headline positions: text, user, assistant (no template, special or padding)."""
+    return (segs == TEXT) | (segs == USER) | (segs == ASSISTANT)
+
+
+def _trained(segs):
+    """The SAE's training mask with exclude_special: neither padding nor special."""
+    return (segs != PAD) & (segs != SPECIAL)
+
+
 def _ce(logits, ids, mask):
     per = F.cross_entropy(logits[:, :-1].double().reshape(-1, VOCAB), ids[:, 1:].reshape(-1),
                           reduction="none").reshape(mask.shape)
@@ -135,14 +143,19 @@ def test_token_counts_exclude_pad_and_special(batch):
     assert c["tokens/lm_excluded_special_target"] == 2
 
 
-def test_ce_kl_and_scores_match_manual(model, batch):
+@pytest.mark.parametrize("all_positions", [False, True])
+def test_ce_kl_and_scores_match_manual(model, batch, all_positions):
+    """The spliced positions are exactly the training mask (or everything with splice_all_positions): checked
+    against our own forward hook that patches those positions; headline = content targets."""
     ids, segs = batch
     sae = random_sae()
-    out = evaluate_sae(sae, model, HOOK, ids, segs, batch_size=2)
-    mask = _counted(segs.long())
+    out = evaluate_sae(sae, model, HOOK, ids, segs, batch_size=2, splice_all_positions=all_positions)
+    where = torch.ones(segs.shape, dtype=torch.bool) if all_positions else _trained(segs)
+    counted = _counted(segs.long())
+    mask = counted & _content(segs[:, 1:])
     clean, _ = _run(model, ids, segs)
-    with_sae, _ = _run(model, ids, segs, lambda a: sae(a))
-    zero, _ = _run(model, ids, segs, torch.zeros_like)
+    with_sae, _ = _run(model, ids, segs, lambda a: torch.where(where[..., None], sae(a), a))
+    zero, _ = _run(model, ids, segs, lambda a: torch.where(where[..., None], torch.zeros_like(a), a))
     ce_c, ce_s, ce_z = _ce(clean, ids, mask), _ce(with_sae, ids, mask), _ce(zero, ids, mask)
     kl_s, kl_z = _kl(clean, with_sae, mask), _kl(clean, zero, mask)
     assert out["metrics/ce_loss_without_sae"] == pytest.approx(ce_c, rel=1e-6)
@@ -153,12 +166,16 @@ def test_ce_kl_and_scores_match_manual(model, batch):
     assert out["metrics/kl_div_with_sae"] == pytest.approx(kl_s, rel=1e-5)
     assert out["metrics/kl_div_with_ablation"] == pytest.approx(kl_z, rel=1e-5)
     assert out["metrics/kl_div_score"] == pytest.approx((kl_z - kl_s) / kl_z, rel=1e-5)
-    assert out["tokens/lm_counted"] == int(mask.sum())
+    assert out["tokens/lm_counted"] == int(mask.sum()) < int(counted.sum())
+    # the other convention gives other numbers (the splice matters on this batch)
+    other = evaluate_sae(sae, model, HOOK, ids, segs, batch_size=2, splice_all_positions=not all_positions)
+    assert other["metrics/ce_loss_with_sae"] != pytest.approx(out["metrics/ce_loss_with_sae"], rel=1e-6)
 
-    # per segment: by the segment of the TARGET token
+    # per segment: by the segment of the TARGET token; all_tokens = every counted target (template included)
     tseg = segs[:, 1:].long()
-    for code, name in [(TEXT, "text"), (USER, "user"), (ASSISTANT, "assistant"), (TEMPLATE, "template")]:
-        m = mask & (tseg == code)
+    for code, name in [(TEXT, "text"), (USER, "user"), (ASSISTANT, "assistant"), (TEMPLATE, "template"),
+                       (None, "all_tokens")]:
+        m = counted if code is None else counted & (tseg == code)
         block = out["segments"][name]
         assert block["tokens/lm_counted"] == int(m.sum())
         assert block["metrics/ce_loss_with_sae"] == pytest.approx(_ce(with_sae, ids, m), rel=1e-6)
@@ -172,7 +189,7 @@ def test_reconstruction_metrics_match_numpy(model, batch):
     out = evaluate_sae(sae, model, HOOK, ids, segs, batch_size=3)
     _, a = _run(model, ids, segs)
     keep = (segs != PAD) & (segs != SPECIAL)
-    for name, sel in [("overall", keep), ("user", keep & (segs == USER))]:
+    for name, sel in [("overall", keep & _content(segs)), ("all_tokens", keep), ("user", keep & (segs == USER))]:
         x = a[sel].double().numpy()
         with torch.no_grad():
             xh = sae(a[sel]).double().numpy()
@@ -210,7 +227,7 @@ def test_identity_sae_is_perfect_and_zero_sae_is_ablation(model, batch):
 def test_predicting_the_mean_gives_zero_explained_variance(model, batch):
     ids, segs = batch
     _, a = _run(model, ids, segs)
-    keep = (segs != PAD) & (segs != SPECIAL)
+    keep = (segs != PAD) & (segs != SPECIAL) & _content(segs)
     mean = a[keep].double().mean(0)
     sae = TinySAE(torch.zeros(D, 4, dtype=torch.float64), torch.zeros(4, dtype=torch.float64),
                   torch.zeros(4, D, dtype=torch.float64), mean)  # x̂ = x̄ for every token
@@ -226,8 +243,8 @@ def test_mean_ablation_matches_manual(model, batch):
     keep = (segs != PAD) & (segs != SPECIAL)
     mean = a[keep].double().mean(0).float()
     clean, _ = _run(model, ids, segs)
-    patched, _ = _run(model, ids, segs, lambda x: mean.expand_as(x).clone())
-    mask = _counted(segs.long())
+    patched, _ = _run(model, ids, segs, lambda x: torch.where(keep[..., None], mean.expand_as(x), x))
+    mask = _counted(segs.long()) & _content(segs[:, 1:])
     assert out["metrics/ce_loss_with_mean_ablation"] == pytest.approx(_ce(patched, ids, mask), rel=1e-6)
     assert out["metrics/kl_div_with_mean_ablation"] == pytest.approx(_kl(clean, patched, mask), rel=1e-5)
     ce_m, ce_s, ce_c = (out["metrics/ce_loss_with_mean_ablation"], out["metrics/ce_loss_with_sae"],

@@ -15,8 +15,6 @@ from domain_sae.config import EvalConfig
 from domain_sae.evaluation import EvalCompatibilityError, eval_matrix, evaluate_sae, same_model_name
 from test_eval_lm import D, VOCAB, identity_sae, random_sae
 
-pytest.importorskip("domain_sae.models.hooks", reason="models/hooks.py (another helper's area) is needed")
-
 HOOK0, HOOK1 = "blocks.0.hook_resid_post", "blocks.1.hook_resid_post"
 
 
@@ -50,7 +48,7 @@ def heldout():
 
 
 def _cfg(**kw):
-    return EvalConfig(model="tiny-llama", hook=HOOK0, model_batch_size=2, **kw)
+    return EvalConfig(model="tiny-llama", model_batch_size=2, n_bootstrap=50, **kw)
 
 
 def _run(lm, heldout, out_dir, saes, hook=None, **kw):
@@ -87,7 +85,7 @@ def test_matrix_files_values_and_determinism(lm, heldout, tmp_path):
             assert row["metrics"][key] == pytest.approx(ref[key], rel=1e-12, nan_ok=True), key
     b_chat = next(r for r in data["results"] if r["sae"] == "b/sae" and r["dataset"] == "chat")
     assert b_chat["metrics"]["metrics/ce_loss_score"] == 1.0
-    assert set(b_chat["segments"]) == {"user", "assistant", "template"}
+    assert set(b_chat["segments"]) == {"user", "assistant", "template", "all_tokens"}
     hist = b_chat["log10_density_histogram"]
     assert len(hist["bin_edges"]) == len(hist["counts"]) + 1 and sum(hist["counts"]) == 2 * D
 

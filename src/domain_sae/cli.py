@@ -89,14 +89,9 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("saes", nargs="+", metavar="SAE_DIR", help="SAE directories (ours or SAELens's).")
     ev.add_argument("--config", help="YAML or TOML file of options.")
     ev.add_argument("--out", default=None, help="Output directory (default: eval_out).")
-    C.add_arguments(ev, C.EvalConfig, skip=("data", "model", "hook", "context_size", "prepend_bos"))
+    C.add_arguments(ev, C.EvalConfig, skip=("data",))
     ev.add_argument("--data", action="append", dest="datasets", metavar="DATA",
                     help="Dataset to evaluate on (repeatable): chat, code, a file or a hub id. Default: chat and code.")
-    ev.add_argument("--model", default=None, help="Language model (default: the SAE's metadata model_name).")
-    ev.add_argument("--hook", default=None, help="Hook point (default: the SAE's metadata hook_name).")
-    ev.add_argument("--context-size", dest="context_size", default=None,
-                    help="Tokens per sequence (default: the SAE's training context size).")
-    ev.add_argument("--prepend-bos", dest="prepend_bos", default=None, metavar="BOOL")
 
     cmp_ = sub.add_parser("compare", help="Run the domain-adaptation study described by a config file.")
     cmp_.add_argument("study_config", help="Study config (YAML/TOML), e.g. configs/study_demo.yaml.")
@@ -137,28 +132,21 @@ def cmd_finetune(ns) -> int:
 def cmd_eval(ns) -> int:
     from .evaluation.runner import eval_matrix
     from .pipeline import check_sae_source
-    from .sae.io import load_sae
     values = C.load_config_file(ns.config) if ns.config else {}
     values.update(_overrides(ns, C.EvalConfig))
     datasets = ns.datasets or values.pop("datasets", None) or ["chat", "code"]
     values.pop("data", None)
-    given_hook = values.get("hook")
     out = Path(ns.out or "eval_out")
     check_output_dir(out, "eval", option="--out")  # before any SAE or model is loaded
     for s in ns.saes:
         check_sae_source(s)
-    first = load_sae(ns.saes[0]).cfg.metadata or {}
-    # Defaults from the SAE's training run, so that "held-out" means the split that run set aside.
-    for key, meta_key in [("model", "model_name"), ("hook", "hook_name"), ("context_size", "context_size"),
-                          ("prepend_bos", "prepend_bos"), ("holdout_fraction", "holdout_fraction")]:
-        if values.get(key) is None and first.get(meta_key) is not None:
-            values[key] = first[meta_key]
+    # Null held-out options (model, context size, holdout_fraction, ...) are filled from the SAEs' metadata by the
+    # evaluation API itself; an explicit --hook refuses SAEs trained at another hook.
     cfg = C.from_dict(C.EvalConfig, values, source=ns.config or "command line")
     C.check_finite_floats(cfg)
-    # An explicit --hook is enforced (SAEs trained elsewhere are refused); otherwise each SAE uses its own hook.
-    results = eval_matrix([Path(s) for s in ns.saes], datasets, cfg, out_dir=out, hook=given_hook)
+    eval_matrix([Path(s) for s in ns.saes], datasets, cfg, out_dir=out)
     print(f"Wrote {out / 'eval.json'}, {out / 'eval.md'} and heatmaps in {out}")
-    return 0 if results is not None else 1
+    return 0
 
 
 def cmd_compare(ns) -> int:

@@ -59,6 +59,17 @@ class DataConfig:
                                        "markers) from SAE training and evaluation.", group="data")
     holdout_fraction: float = opt(0.05, "Fraction of documents set aside (by a hash of their text, so the split is "
                                   "deterministic) as the held-out evaluation split; never trained on.", group="data")
+    deduplicate: bool = opt(True, "Drop exact and whitespace-normalised duplicate documents (the first copy is kept) "
+                            "before the held-out split; duplicates share their original's side of the split.",
+                            group="data")
+    heldout_tokens_per_document: Optional[int] = opt(
+        256, "Held-out sampling: at most this many tokens from any one document (a span at a seeded random offset), "
+        "so an evaluation covers many documents; null = whole documents.", group="data")
+    heldout_max_documents: Optional[int] = opt(
+        20000, "Held-out sampling: read at most this many held-out documents (the first ones of the source) to "
+        "sample from, so a large streamed dataset is not read to the end; null = the whole split.", group="data")
+    heldout_seed: int = opt(0, "Held-out sampling: seed of the document order and span offsets (the same for the "
+                            "in-training evaluation and dsae eval).", group="data")
     streaming: bool = opt(True, "Stream hub datasets instead of downloading them whole.", group="data")
     model_batch_size: int = opt(8, "Sequences per language-model forward pass when filling the buffer.",
                                 group="data", aliases=("store_batch_size_prompts",))
@@ -220,11 +231,30 @@ class TrainConfig(FastPathConfig, ArchitectureConfig, DataConfig, SAEConfig):
 
 @dataclass
 class EvalConfig(DataConfig):
-    """Options of `dsae eval` (the data fields select the model and the tokenisation)."""
+    """Options of `dsae eval` (the data fields select the model and the tokenisation). The held-out options left
+    null are taken from the SAEs' metadata by the evaluation API (``evaluation.heldout.resolve_eval_config``), so
+    the CLI and a Python caller evaluate on the same held-out documents."""
 
+    model: Optional[str] = opt(None, "Language model; default: the first SAE's metadata model_name (SAEs of another "
+                               "model are refused).", group="model", aliases=("model_name",))
+    hook: Optional[str] = opt(None, "Hook point; default: each SAE's own metadata hook_name. Given, SAEs trained at "
+                              "another hook are refused.", group="model", aliases=("hook_name", "hook_point"))
+    context_size: Optional[int] = opt(None, "Tokens per sequence; default: the SAEs' training context_size (the "
+                                      "smallest, with a warning, when they differ).", group="data")
+    prepend_bos: Optional[bool] = opt(None, "Start documents and sequences with BOS; default: the SAEs' metadata "
+                                      "(SAEs that disagree are refused unless this is given).", group="data")
+    holdout_fraction: Optional[float] = opt(
+        None, "Held-out share to evaluate on; default: the smallest holdout_fraction in the SAEs' metadata, so only "
+        "documents held out for every SAE are used (hash < min fraction). A larger value than an SAE's is refused.",
+        group="data")
     eval_tokens: int = opt(16384, "Held-out tokens to evaluate on per dataset (before special-token exclusion).",
                            group="eval", cli="--tokens")
-    seed: int = opt(0, "Seed for sampling external evaluation files.", group="eval")
+    seed: int = opt(0, "Seed of the bootstrap over documents that gives the error bars.", group="eval")
+    n_bootstrap: int = opt(1000, "Bootstrap replicates over documents for every metric's standard error and 95 "
+                           "percent interval (0 disables).", group="eval")
+    splice_all_positions: bool = opt(False, "Splice the SAE's reconstruction (and the ablations) in at every "
+                                     "position, SAELens's convention; default: only at the positions the SAE "
+                                     "trains on (its training mask: no padding, no special tokens).", group="eval")
     mean_ablation: bool = opt(False, "Also report CE/KL with the hook replaced by its mean (a second baseline).",
                               group="eval")
 

@@ -28,6 +28,7 @@ from typing import Any, Optional
 import torch
 
 from .config import ConfigError, TrainConfig
+from .data.splits import SPLIT_VERSION as HELDOUT_SPLIT_VERSION
 from .errors import RunDirError
 from .outdirs import check_not_file
 from .rundir import STATUS_FILE  # noqa: F401 (re-exported)
@@ -87,8 +88,8 @@ def heldout_evaluator(cfg: TrainConfig, lm, hook):
         return None
     from .data.pipeline import heldout_batch
     from .evaluation.runner import make_evaluator
-    ids, segs = heldout_batch(cfg, lm.tokenizer, cfg.eval_tokens)
-    return make_evaluator(lm, hook, ids, segs)
+    sample = heldout_batch(cfg, lm.tokenizer, cfg.eval_tokens)
+    return make_evaluator(lm, hook, sample.input_ids, sample.segments, exclude_special=cfg.exclude_special_tokens)
 
 
 def activation_scale(sample: torch.Tensor) -> float:
@@ -124,7 +125,8 @@ def sae_metadata(cfg: TrainConfig, lm_name: str) -> dict:
     return {"model_name": lm_name, "hook_name": cfg.hook, "context_size": cfg.context_size,
             "prepend_bos": cfg.prepend_bos, "dataset_path": cfg.data, "training_tokens": cfg.training_tokens,
             "exclude_special_tokens": cfg.exclude_special_tokens, "holdout_fraction": cfg.holdout_fraction,
-            "max_rows": cfg.max_rows, "seed": cfg.seed}
+            "max_rows": cfg.max_rows, "seed": cfg.seed, "deduplicate": cfg.deduplicate,
+            "heldout_split": HELDOUT_SPLIT_VERSION}
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -208,7 +210,7 @@ def _prepare(cfg, lm, hook, d_in, source, heldout, init_sae, evaluator, *, resum
     if evaluator is None:
         if heldout is not None and cfg.eval_every > 0:
             from .evaluation.runner import make_evaluator
-            evaluator = make_evaluator(lm, hook, *heldout)
+            evaluator = make_evaluator(lm, hook, *heldout, exclude_special=cfg.exclude_special_tokens)
         else:
             evaluator = heldout_evaluator(cfg, lm, hook)
 

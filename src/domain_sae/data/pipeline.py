@@ -3,17 +3,20 @@
     documents = open_source(cfg.data, split=cfg.data_split, column=cfg.data_column, streaming=cfg.streaming)
              -> the first cfg.max_rows documents (BEFORE the split, so max_rows never changes which documents are
                 held out; empty rows, which the source skips, are not counted)
+             -> drop duplicates (``cfg.deduplicate``: exact and whitespace-normalised copies, first one kept;
+                ``splits.Deduplicator``; a duplicate always falls on the same side of the split as its original)
              -> keep the documents of the requested split (``splits.is_heldout(doc, cfg.holdout_fraction)``)
              -> tokenize (``formatting.tokenize_documents``, in batches)
              -> pack to cfg.context_size (``packing.pack``)
 
-:class:`TokenStream` yields ``(input_ids LongTensor[ctx], segments Int8Tensor[ctx])``; :func:`heldout_batch` stacks
-the first held-out sequences into ``[N, ctx]`` tensors for evaluation.
+:class:`TokenStream` yields ``(input_ids LongTensor[ctx], segments Int8Tensor[ctx])``. :func:`heldout_batch` is the
+one entry point for evaluation tokens (in-training evaluation, ``dsae eval``, the study, the feature store): it
+returns the :class:`~domain_sae.data.sampling.HeldoutSample` of :func:`~domain_sae.data.sampling.sample_heldout`
+(windows drawn from many documents across the whole held-out split), which unpacks as ``input_ids, segments``.
 """
 
 from __future__ import annotations
 
-import math
 import warnings
 from itertools import islice
 from typing import Iterator, Optional
@@ -22,8 +25,9 @@ import torch
 
 from .formatting import bos_token_id, tokenize_documents
 from .packing import pack
+from .sampling import HeldoutSample, sample_windows
 from .sources import DataError, Document, DocumentSource, open_source
-from .splits import is_heldout
+from .splits import Deduplicator, document_digest, score_of_digest
 
 __all__ = ["TokenStream", "heldout_batch", "check_context_size", "model_max_positions", "SPLITS"]
 
@@ -61,6 +65,7 @@ class TokenStream:
                             "prepend_bos to false.")
         self.epochs = 0
         self._skip = 0
+        self.duplicates_removed = 0  # in the last (or current) pass over the documents
 
     @property
     def description(self) -> str:
@@ -73,15 +78,29 @@ class TokenStream:
             raise ValueError(f"Cannot skip a negative number of sequences ({n_sequences}).")
         self._skip += int(n_sequences)
 
-    def documents(self) -> Iterator[Document]:
-        """The split's documents: the first ``max_rows`` documents of the source, then the split filter."""
+    def keyed_documents(self) -> Iterator[tuple[bytes, Document]]:
+        """``(digest, document)`` of the split's documents: the first ``max_rows`` documents of the source, minus
+        duplicates (``cfg.deduplicate``; counted in ``duplicates_removed``), then the split filter."""
         rows = iter(self.source)
         if self.cfg.max_rows is not None:
             rows = islice(rows, self.cfg.max_rows)
         want_heldout = self.split == "heldout"
+        dedup = Deduplicator() if self.cfg.deduplicate else None
+        self.duplicates_removed = 0
         for doc in rows:
-            if is_heldout(doc, self.cfg.holdout_fraction) == want_heldout:
-                yield doc
+            digest = document_digest(doc)
+            if dedup is not None:
+                if not dedup.keep(digest):
+                    self.duplicates_removed = dedup.removed
+                    continue
+            held = self.cfg.holdout_fraction > 0 and score_of_digest(digest) < self.cfg.holdout_fraction
+            if held == want_heldout:
+                yield digest, doc
+
+    def documents(self) -> Iterator[Document]:
+        """The split's documents (see :meth:`keyed_documents`)."""
+        for _, doc in self.keyed_documents():
+            yield doc
 
     def tokenized(self) -> Iterator[tuple[list[int], list[int]]]:
         """``(ids, segments)`` per document, tokenized in batches of 4, 8, ... up to 64 documents (small first
@@ -136,20 +155,21 @@ class TokenStream:
         return f"TokenStream({self.description}, context_size={self.cfg.context_size})"
 
 
-def heldout_batch(cfg, tokenizer, n_tokens: int, *, source: Optional[DocumentSource] = None
-                  ) -> tuple[torch.Tensor, torch.Tensor]:
-    """The first ``N = ceil(n_tokens / context_size)`` held-out sequences as ``(input_ids [N, ctx] int64,
-    segments [N, ctx] int8)``; deterministic. Fewer (with a warning) when the held-out split is smaller;
-    :class:`DataError` when it gives no sequence."""
-    if n_tokens <= 0:
-        raise ValueError(f"n_tokens must be positive (got {n_tokens}).")
-    n_seq = max(1, math.ceil(n_tokens / cfg.context_size))
+def heldout_batch(cfg, tokenizer, n_tokens: int, *, source: Optional[DocumentSource] = None) -> HeldoutSample:
+    """Evaluation tokens of ``cfg.data``'s held-out split: a :class:`~domain_sae.data.sampling.HeldoutSample`
+    (``input_ids [N, ctx]``, ``segments``, ``doc_ids``, ``n_documents``, ...; ``ids, segs = heldout_batch(...)``
+    still works) of ``N = ceil(n_tokens / context_size)`` windows drawn from many documents across the whole split
+    (:mod:`~domain_sae.data.sampling`: seeded by ``cfg.heldout_seed``, at most ``cfg.heldout_tokens_per_document``
+    tokens per document). Deterministic; fewer windows (with a warning) when the split is smaller;
+    :class:`DataError` when it gives none. Reads the source until ``cfg.heldout_max_documents`` held-out documents
+    were found (or to its end, bounded by ``max_rows``)."""
     stream = TokenStream(cfg, tokenizer, split="heldout", repeat=False, source=source)
-    seqs = list(islice(iter(stream), n_seq))
-    if len(seqs) < n_seq:
-        warnings.warn(f"The {stream.description} holds only {len(seqs) * cfg.context_size} tokens, fewer than the "
-                      f"{n_tokens} asked for; evaluating on those. Raise holdout_fraction for more.", stacklevel=2)
-    return torch.stack([s[0] for s in seqs]), torch.stack([s[1] for s in seqs])
+    return sample_windows(stream.keyed_documents(), tokenizer, n_tokens=n_tokens, context_size=cfg.context_size,
+                          bos_id=stream.bos_id, pad_id=stream.pad_id, prepend_bos=cfg.prepend_bos,
+                          one_document_per_sequence=cfg.one_document_per_sequence,
+                          max_tokens_per_document=cfg.heldout_tokens_per_document, seed=cfg.heldout_seed,
+                          duplicates_removed=lambda: stream.duplicates_removed, description=stream.description,
+                          max_documents=cfg.heldout_max_documents)
 
 
 def model_max_positions(model) -> Optional[int]:

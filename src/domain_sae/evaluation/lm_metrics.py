@@ -1,278 +1,119 @@
 """Language-model metrics of SAEs spliced into the model, on held-out token batches (SPEC section 3).
 
-Inputs: ``input_ids`` and ``segments`` of shape [N, T] (segment codes of ``domain_sae.data.segments``: PAD=-1,
-SPECIAL=0, TEXT=1, USER=2, ASSISTANT=3, TEMPLATE=4, SYSTEM=5). Sequences are processed in mini-batches of
-``batch_size``; PAD positions are masked out of attention. For every mini-batch:
+Inputs: ``input_ids`` and ``segments`` of shape [N, T] (segment codes of ``domain_sae.data.segments``) and
+optionally ``doc_ids`` [N, T] (the document of each token, -1 for inserted BOS/padding; default: each sequence is
+its own document). Sequences are processed in mini-batches of ``batch_size``; PAD positions are masked out of
+attention. For every mini-batch:
 
 1. clean pass: logits and the hook's activation ``a`` [B, T, d_in] in one forward;
-2. for each SAE: ``x̂ = decode(encode(a))``, then a full forward with the hook's output replaced by ``x̂`` at EVERY
-   position (``models.hooks.forward_with_patch``);
-3. zero ablation: the hook's output replaced by zeros at every position;
-4. optional mean ablation (a second baseline, always labelled ``mean_ablation``): the hook's output replaced at
-   every position by x̄, the mean activation over the evaluation's reconstruction tokens (positions that are
-   neither PAD nor SPECIAL), computed by a capture-only pre-pass.
+2. for each SAE: ``x̂ = decode(encode(a))``, then a full forward in which the hook's output is ``x̂`` at the splice
+   positions and ``a`` elsewhere (:func:`.positions.splice_positions`: by default the SAE's training mask, i.e.
+   not PAD and, with ``exclude_special``, not SPECIAL; ``splice_all_positions=True``: every position, as SAELens);
+3. zero ablation: the hook's output set to zero at the same splice positions;
+4. optional mean ablation (a second baseline, labelled ``mean_ablation``): the hook's output set at the splice
+   positions to x̄, the mean activation over all reconstruction positions (neither PAD nor SPECIAL) of the
+   evaluation, computed by a capture-only pre-pass.
 
-Counted next-token positions. Position t predicts token t+1 and counts iff segments[t] != PAD and
-segments[t+1] != PAD and segments[t+1] != SPECIAL: the source may be a special token (BOS predicting the first
-word counts), the target may not. Each counted position belongs to the segment of its TARGET token.
-With p = softmax(clean logits[t]) and q = softmax(patched logits[t]) (log-softmax in float64):
+Counted positions and groups: :mod:`.positions` (next-token position t counts iff segments[t] != PAD and
+segments[t+1] not in {PAD, SPECIAL}, in the segment of its target; the headline ``overall`` group counts content
+tokens only: text, user, assistant, system). With p = softmax(clean logits[t]), q = softmax(patched logits[t])
+(log-softmax in float64), over the M counted positions of a group:
 
-- CE = -(1/M) Σ_t log q(token[t+1]) in nats over the M counted positions (``ce_loss_without_sae`` uses p);
+- CE = -(1/M) Σ_t log q(token[t+1]) in nats (``ce_loss_without_sae`` uses p);
 - KL = (1/M) Σ_t Σ_v p(v) (log p(v) - log q(v));
 - ``ce_loss_score`` = (CE_abl - CE_sae) / (CE_abl - CE_clean); ``delta_loss`` = CE_sae - CE_clean;
-  ``kl_div_score`` = (KL_abl - KL_sae) / KL_abl (NaN when a denominator is 0);
-- the mean-ablation variants use CE_mean / KL_mean in place of CE_abl / KL_abl.
+  ``kl_div_score`` = (KL_abl - KL_sae) / KL_abl (NaN when a denominator is 0); the mean-ablation variants use
+  CE_mean / KL_mean in place of CE_abl / KL_abl.
 
-Reconstruction metrics (:mod:`.metrics`) use the activations captured in the clean pass at the positions that are
-neither PAD nor SPECIAL, each position in the segment of its own token. The pre-pass gives each group's exact mean,
-so the per-token explained variance is the two-pass value without keeping activations in memory.
+Reconstruction metrics (:mod:`.metrics`) use the activations of the clean pass at the reconstruction positions of
+each group; the pre-pass gives each group's exact mean (two-pass per-token EV without keeping activations).
+Error bars (``n_bootstrap`` > 0): a bootstrap over documents of every metric, :mod:`.uncertainty`.
 
 All sums are float64, everything runs under ``torch.no_grad`` and is deterministic (no sampling; fixed order).
-The zero/mean ablations and the clean pass are shared by all SAEs evaluated together at one hook.
+The clean pass and the ablations are shared by all SAEs evaluated together (one hook, one splice mask).
 """
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, field
-from typing import Any, Callable, Mapping, Optional
+from typing import Any, Mapping, Optional
 
 import torch
 from torch import Tensor
 
+from ..data.segments import PAD
+from ..models.hooks import capture
 from .metrics import MetricError, ReconstructionAccumulator
+from .patching import as_hook, clean_forward, patched_forward, reconstruct, replace_at, torch_module
+from .positions import (ALL_TOKENS, OVERALL, groups, has_template, lm_positions, reconstruction_positions,
+                        splice_positions, token_counts)
+from .uncertainty import (MAX_FIRE_TABLE, DocumentSums, bootstrap_weights, error_bars,
+                          reconstruction_from_totals, reconstruction_token_stats)
 
-__all__ = ["SAEResult", "SEGMENT_NAMES", "evaluate_saes_on_tokens", "lm_positions", "reconstruction_positions",
-           "segment_codes", "segment_name", "token_counts"]
+__all__ = ["SAEResult", "evaluate_saes_on_tokens", "lm_from_totals", "splice_description"]
 
-# Fallbacks matching docs/architecture.md, used when domain_sae.data.segments is not importable.
-_PAD, _SPECIAL = -1, 0
-SEGMENT_NAMES = {1: "text", 2: "user", 3: "assistant", 4: "template", 5: "system"}
 # Rows of log-softmax computed at once (rows x vocab float64 values, ~64 MB for a 50k vocabulary).
 _LOGIT_ELEMENTS_PER_CHUNK = 8_000_000
 
 
-def segment_codes() -> tuple[int, int]:
-    """(PAD, SPECIAL) segment codes."""
-    try:
-        from domain_sae.data.segments import PAD, SPECIAL
-        return int(PAD), int(SPECIAL)
-    except ImportError:
-        return _PAD, _SPECIAL
-
-
-def segment_name(code: int) -> str:
-    """Human name of a segment code (``text``, ``user``, ``assistant``, ``template``, ``system``)."""
-    try:
-        from domain_sae.data.segments import SEGMENT_NAMES as names
-    except ImportError:
-        names = SEGMENT_NAMES
-    return names.get(int(code), f"segment_{int(code)}")
-
-
-def lm_positions(segments: Tensor) -> Tensor:
-    """Boolean [N, T-1]: position t counts for next-token metrics (see the module docstring)."""
-    pad, special = segment_codes()
-    src, tgt = segments[:, :-1], segments[:, 1:]
-    return (src != pad) & (tgt != pad) & (tgt != special)
-
-
-def reconstruction_positions(segments: Tensor) -> Tensor:
-    """Boolean [N, T]: positions whose activation counts in the reconstruction metrics (not PAD, not SPECIAL)."""
-    pad, special = segment_codes()
-    return (segments != pad) & (segments != special)
-
-
-def token_counts(segments: Tensor) -> dict[str, int]:
-    """How many positions exist, are padding/special, and are counted by each family of metrics."""
-    pad, special = segment_codes()
-    lm = lm_positions(segments)
-    valid_pair = (segments[:, :-1] != pad) & (segments[:, 1:] != pad)
-    return {
-        "tokens/sequences": int(segments.shape[0]),
-        "tokens/total": int(segments.numel()),
-        "tokens/pad": int((segments == pad).sum()),
-        "tokens/special": int((segments == special).sum()),
-        "tokens/reconstruction_counted": int(reconstruction_positions(segments).sum()),
-        "tokens/lm_counted": int(lm.sum()),
-        "tokens/lm_excluded_special_target": int((valid_pair & (segments[:, 1:] == special)).sum()),
-    }
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# Model plumbing
-
-def _hooks():
-    from domain_sae.models import hooks
-    return hooks
-
-
-def _module(lm: Any) -> torch.nn.Module:
-    """The torch module of a ``LoadedModel`` (``lm.model``) or the module itself (an HF causal LM has its own
-    ``.model`` attribute, the decoder stack, which must not be unwrapped)."""
-    return lm if isinstance(lm, torch.nn.Module) else lm.model
-
-
-def _resolve(model: torch.nn.Module, hook: Any) -> Any:
-    return _hooks().resolve_hook(model, hook) if isinstance(hook, str) else hook
-
-
-def _clean_forward(model, hook, ids: Tensor, attn: Optional[Tensor]) -> tuple[Tensor, Tensor]:
-    """(logits [B, T, V], activation at the hook [B, T, d_in]) from one unpatched forward."""
-    h = _hooks()
-    if hasattr(h, "forward_with_capture"):
-        out = h.forward_with_capture(model, hook, ids, attention_mask=attn)
-        if isinstance(out, tuple):
-            return out[0], out[1]
-        return out.logits, out.activations  # a result object
-    box: dict[str, Tensor] = {}
-
-    def record(a: Tensor) -> Tensor:
-        box["a"] = a.detach().clone()
-        return a
-
-    logits = h.forward_with_patch(model, hook, ids, record, attention_mask=attn)
-    return logits, box["a"]
-
-
-def _patched_forward(model, hook, ids: Tensor, attn: Optional[Tensor], fn: Callable[[Tensor], Tensor]) -> Tensor:
-    return _hooks().forward_with_patch(model, hook, ids, fn, attention_mask=attn)
-
-
-def _replace_with(value: Tensor, broadcast: bool = False) -> Callable[[Tensor], Tensor]:
-    """A patch function returning ``value`` (same shape as the activation, or a [d_in] vector to broadcast)."""
-    def patch(a: Tensor) -> Tensor:
-        if broadcast:
-            if value.shape[-1] != a.shape[-1]:
-                raise MetricError(f"patch vector has {value.shape[-1]} values, the hook's activation has "
-                                  f"{a.shape[-1]}.")
-            return value.to(device=a.device, dtype=a.dtype).expand_as(a).clone()
-        if value.shape != a.shape:
-            raise MetricError(f"replacement {tuple(value.shape)} does not match the hook's activation "
-                              f"{tuple(a.shape)}.")
-        return value.to(device=a.device, dtype=a.dtype)
-    return patch
-
-
-def _sae_device_dtype(sae: Any, fallback: Tensor) -> tuple[torch.device, torch.dtype]:
-    params = list(sae.parameters()) if hasattr(sae, "parameters") else []
-    if params:
-        return params[0].device, params[0].dtype
-    return fallback.device, torch.float32
-
-
-def _sae_widths(sae: Any) -> tuple[Optional[int], Optional[int]]:
-    cfg = getattr(sae, "cfg", None)
-    d_in = getattr(cfg, "d_in", None) if cfg is not None else None
-    d_sae = getattr(cfg, "d_sae", None) if cfg is not None else None
-    if d_in is None and hasattr(sae, "W_dec"):
-        d_sae, d_in = sae.W_dec.shape
-    return d_in, d_sae
-
-
-def _reconstruct(sae: Any, a: Tensor) -> tuple[Tensor, Tensor]:
-    """(x̂ [..., d_in] on a's device, f [..., d_sae]) for activations ``a``."""
-    d_in, _ = _sae_widths(sae)
-    if d_in is not None and int(d_in) != a.shape[-1]:
-        raise MetricError(f"The SAE takes d_in={d_in} but the hook's activation has width {a.shape[-1]}: this SAE "
-                          f"was trained at another hook or on another model. Evaluate it at its own hook/model.")
-    device, dtype = _sae_device_dtype(sae, a)
-    x = a.to(device=device, dtype=dtype)
-    f = sae.encode(x)
-    x_hat = sae.decode(f)
-    if x_hat.shape != x.shape:
-        raise MetricError(f"The SAE's reconstruction has shape {tuple(x_hat.shape)} for input {tuple(x.shape)}; "
-                          f"its d_in must equal the hook's width {a.shape[-1]}.")
-    return x_hat.to(a.device), f.to(a.device)
-
-
-def _row_logprobs(logits: Tensor, rows: tuple[Tensor, Tensor]) -> Tensor:
-    """float64 log-softmax of ``logits[b, t]`` for the given (b, t) index rows."""
-    return torch.log_softmax(logits[rows[0], rows[1]].to(torch.float64), dim=-1)
-
-
-def _chunks(n_rows: int, vocab: int):
-    step = max(1, _LOGIT_ELEMENTS_PER_CHUNK // max(vocab, 1))
-    for s in range(0, n_rows, step):
-        yield slice(s, min(s + step, n_rows))
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# Accumulation
-
-class _NextTokenSums:
-    """Float64 sums of per-position CE and KL per condition and per group (overall + target segment)."""
-
-    def __init__(self):
-        self.count: dict[str, int] = {}
-        self.ce: dict[tuple[str, str], float] = {}
-        self.kl: dict[tuple[str, str], float] = {}
-
-    def add(self, cond: str, groups: Mapping[str, Tensor], ce: Tensor, kl: Optional[Tensor], *,
-            count: bool = False) -> None:
-        for g, m in groups.items():
-            self.ce[(cond, g)] = self.ce.get((cond, g), 0.0) + float(ce[m].sum())
-            if kl is not None:
-                self.kl[(cond, g)] = self.kl.get((cond, g), 0.0) + float(kl[m].sum())
-            if count:
-                self.count[g] = self.count.get(g, 0) + int(m.sum())
-
-    def mean(self, table: dict, cond: str, g: str) -> float:
-        n = self.count.get(g, 0)
-        return table.get((cond, g), 0.0) / n if n else math.nan
-
-
-def _ratio(num: float, den: float) -> float:
-    return num / den if den != 0 and math.isfinite(den) else math.nan
+def splice_description(all_positions: bool, exclude_special: bool = True) -> str:
+    """How the SAE was spliced, as eval.json records it and eval.md prints it beside the CE numbers."""
+    if all_positions:
+        return "all_positions"
+    return "training_mask" + ("" if exclude_special else "_with_special")
 
 
 @dataclass
 class SAEResult:
-    """Evaluation of one SAE on one token set: ``metrics`` (flat, SPEC names, overall), ``segments`` (the same
-    keys per segment name), ``log10_feature_density`` (float64 [d_sae], log10(p_i + 1e-10)), ``tokens`` (counts)."""
+    """Evaluation of one SAE on one token set: ``metrics`` (flat, SPEC names, headline = content tokens),
+    ``segments`` (the same keys per segment name, plus ``all_tokens``), ``errors`` ({group: {metric: {"se",
+    "ci95_low", "ci95_high"}}}, empty without bootstrap), ``log10_feature_density`` (float64 [d_sae]),
+    ``tokens`` (counts) and ``splice`` (see :func:`splice_description`)."""
 
     metrics: dict[str, float]
     segments: dict[str, dict[str, float]] = field(default_factory=dict)
     log10_feature_density: Optional[Tensor] = None
     tokens: dict[str, int] = field(default_factory=dict)
+    errors: dict[str, dict[str, dict[str, float]]] = field(default_factory=dict)
+    splice: str = "training_mask"
 
 
-def _lm_block(sums: _NextTokenSums, g: str, sae_cond: str, mean_ablation: bool) -> dict[str, float]:
-    ce_clean = sums.mean(sums.ce, "clean", g)
-    ce_sae = sums.mean(sums.ce, sae_cond, g)
-    ce_abl = sums.mean(sums.ce, "zero", g)
-    kl_sae = sums.mean(sums.kl, sae_cond, g)
-    kl_abl = sums.mean(sums.kl, "zero", g)
-    out = {
-        "metrics/ce_loss_without_sae": ce_clean,
-        "metrics/ce_loss_with_sae": ce_sae,
-        "metrics/ce_loss_with_ablation": ce_abl,
-        "metrics/ce_loss_score": _ratio(ce_abl - ce_sae, ce_abl - ce_clean),
-        "metrics/delta_loss": ce_sae - ce_clean,
-        "metrics/kl_div_with_sae": kl_sae,
-        "metrics/kl_div_with_ablation": kl_abl,
-        "metrics/kl_div_score": _ratio(kl_abl - kl_sae, kl_abl),
-    }
+def _ratio(num: Tensor, den: Tensor) -> Tensor:
+    ok = (den != 0) & torch.isfinite(den)
+    return torch.where(ok, num / torch.where(ok, den, torch.ones_like(den)), torch.full_like(num, float("nan")))
+
+
+def lm_from_totals(t: Mapping[str, Tensor], g: str, sae_cond: str, mean_ablation: bool) -> dict[str, Tensor]:
+    """CE/KL metrics of group ``g`` from totals ``{g}|n``, ``{g}|ce|{cond}``, ``{g}|kl|{cond}`` (module docstring
+    formulas; leading dims of the totals, e.g. [B] bootstrap replicates, are kept)."""
+    n = t[f"{g}|n"]
+    mean = {k: _ratio(t[f"{g}|{k}"], n) for k in ("ce|clean", f"ce|{sae_cond}", "ce|zero", f"kl|{sae_cond}",
+                                                  "kl|zero")}
+    ce_clean, ce_sae, ce_abl = mean["ce|clean"], mean[f"ce|{sae_cond}"], mean["ce|zero"]
+    kl_sae, kl_abl = mean[f"kl|{sae_cond}"], mean["kl|zero"]
+    out = {"metrics/ce_loss_without_sae": ce_clean, "metrics/ce_loss_with_sae": ce_sae,
+           "metrics/ce_loss_with_ablation": ce_abl, "metrics/ce_loss_score": _ratio(ce_abl - ce_sae, ce_abl - ce_clean),
+           "metrics/delta_loss": ce_sae - ce_clean, "metrics/kl_div_with_sae": kl_sae,
+           "metrics/kl_div_with_ablation": kl_abl, "metrics/kl_div_score": _ratio(kl_abl - kl_sae, kl_abl)}
     if mean_ablation:
-        ce_mean = sums.mean(sums.ce, "mean", g)
-        kl_mean = sums.mean(sums.kl, "mean", g)
-        out.update({
-            "metrics/ce_loss_with_mean_ablation": ce_mean,
-            "metrics/kl_div_with_mean_ablation": kl_mean,
-            "metrics/ce_loss_score_mean_ablation": _ratio(ce_mean - ce_sae, ce_mean - ce_clean),
-            "metrics/kl_div_score_mean_ablation": _ratio(kl_mean - kl_sae, kl_mean),
-        })
-    out["tokens/lm_counted"] = sums.count.get(g, 0)
+        ce_mean, kl_mean = _ratio(t[f"{g}|ce|mean"], n), _ratio(t[f"{g}|kl|mean"], n)
+        out.update({"metrics/ce_loss_with_mean_ablation": ce_mean, "metrics/kl_div_with_mean_ablation": kl_mean,
+                    "metrics/ce_loss_score_mean_ablation": _ratio(ce_mean - ce_sae, ce_mean - ce_clean),
+                    "metrics/kl_div_score_mean_ablation": _ratio(kl_mean - kl_sae, kl_mean)})
     return out
 
 
-# ----------------------------------------------------------------------------------------------------------------
-
-def _validate_tokens(input_ids: Tensor, segments: Tensor) -> tuple[Tensor, Tensor]:
+def _validate(input_ids: Tensor, segments: Tensor, doc_ids: Optional[Tensor], *, n_saes: int,
+              batch_size: int) -> tuple[Tensor, Tensor, Tensor]:
+    if not n_saes:
+        raise MetricError("No SAE to evaluate.")
+    if batch_size <= 0:
+        raise MetricError(f"batch_size must be positive (got {batch_size}).")
     ids = torch.as_tensor(input_ids, dtype=torch.long)
     segs = torch.as_tensor(segments).to(torch.int64)
     if ids.ndim == 1:
         ids, segs = ids[None], segs[None]
+        doc_ids = None if doc_ids is None else torch.as_tensor(doc_ids)[None]
     if ids.ndim != 2 or ids.shape != segs.shape:
         raise MetricError(f"input_ids {tuple(ids.shape)} and segments {tuple(segs.shape)} must both be [N, T].")
     if ids.shape[1] < 2:
@@ -280,136 +121,170 @@ def _validate_tokens(input_ids: Tensor, segments: Tensor) -> tuple[Tensor, Tenso
     if not bool(lm_positions(segs).any()):
         raise MetricError("No next-token target can be counted: every target is PAD or SPECIAL. Evaluate on data "
                           "with ordinary text tokens (check the held-out split is not empty).")
-    return ids, segs
+    if doc_ids is None:
+        docs = torch.arange(ids.shape[0])[:, None].expand(ids.shape).clone()
+    else:
+        docs = torch.as_tensor(doc_ids, dtype=torch.long)
+        if docs.shape != ids.shape:
+            raise MetricError(f"doc_ids {tuple(docs.shape)} must have the shape of input_ids {tuple(ids.shape)}.")
+    return ids, segs, docs
+
+
+def _clusters(docs: Tensor) -> tuple[Tensor, int]:
+    """Cluster index per token in [0, D) for document ids >= 0, D for -1 (inserted BOS/padding, never counted)."""
+    valid = docs >= 0
+    uniq = torch.unique(docs[valid])
+    idx = torch.full_like(docs, len(uniq))
+    idx[valid] = torch.searchsorted(uniq, docs[valid])
+    return idx, len(uniq)
 
 
 @torch.no_grad()
-def _group_means(model, hook, ids: Tensor, segs: Tensor, batch_size: int, device: torch.device,
-                 per_segment: bool) -> dict[str, Tensor]:
-    """Exact float64 mean activation per group ("overall" and each segment name), capture-only pre-pass."""
-    h = _hooks()
-    pad, _ = segment_codes()
+def _group_means(model, hook, ids: Tensor, segs: Tensor, batch_size: int, device) -> dict[str, Tensor]:
+    """Exact float64 mean activation per group (all groups of :func:`.positions.groups`), capture-only pre-pass."""
     sums: dict[str, Tensor] = {}
     counts: dict[str, int] = {}
     for i in range(0, ids.shape[0], batch_size):
-        x_ids, s = ids[i:i + batch_size], segs[i:i + batch_size]
-        valid = s != pad
+        s = segs[i:i + batch_size]
+        valid = s != PAD
         attn = None if bool(valid.all()) else valid.long().to(device)
-        a = h.capture(model, hook, x_ids.to(device), attention_mask=attn)
-        for g, m in _groups(s, reconstruction_positions(s), per_segment).items():
+        a = capture(model, hook, ids[i:i + batch_size].to(device), attention_mask=attn)
+        base = reconstruction_positions(s)
+        for g, m in groups(s, base, True, with_all=True).items():
             xs = a[m.to(a.device)].to(torch.float64)
             sums[g] = sums.get(g, 0) + xs.sum(0)
             counts[g] = counts.get(g, 0) + xs.shape[0]
     return {g: sums[g] / counts[g] for g in sums if counts[g] > 0}
 
 
-def _groups(seg_codes: Tensor, base: Tensor, per_segment: bool) -> dict[str, Tensor]:
-    """{"overall": base, segment name: base & (code == c) ...} for the codes present under ``base``."""
-    out = {"overall": base}
-    if per_segment:
-        for c in sorted(int(c) for c in torch.unique(seg_codes[base])):
-            out[segment_name(c)] = base & (seg_codes == c)
-    return out
+def _next_token_terms(clean_logits: Tensor, patched: Optional[Tensor], rows: tuple[Tensor, Tensor],
+                      targets: Tensor) -> tuple[Tensor, Optional[Tensor]]:
+    """Per counted position: CE (float64) and, for a patched run, KL(p_clean || p_patched)."""
+    n_rows, vocab = targets.shape[0], clean_logits.shape[-1]
+    ce = torch.empty(n_rows, dtype=torch.float64, device=clean_logits.device)
+    kl = None if patched is None else torch.empty_like(ce)
+    step = max(1, _LOGIT_ELEMENTS_PER_CHUNK // max(vocab, 1))
+    for s0 in range(0, n_rows, step):
+        sl = slice(s0, min(s0 + step, n_rows))
+        r = (rows[0][sl], rows[1][sl])
+        lp_clean = torch.log_softmax(clean_logits[r[0], r[1]].to(torch.float64), dim=-1)
+        lp = lp_clean if patched is None else torch.log_softmax(patched[r[0], r[1]].to(torch.float64), dim=-1)
+        ce[sl] = -lp.gather(1, targets[sl, None]).squeeze(1)
+        if kl is not None:
+            kl[sl] = (lp_clean.exp() * (lp_clean - lp)).sum(-1)
+    return ce, kl
 
 
 @torch.no_grad()
 def evaluate_saes_on_tokens(saes: Mapping[str, Any], lm: Any, hook: Any, input_ids: Tensor, segments: Tensor, *,
-                            batch_size: int = 8, mean_ablation: bool = False,
-                            per_segment: bool = True) -> dict[str, SAEResult]:
-    """Evaluate every SAE of ``saes`` (label -> SAE with ``encode``/``decode``) at ``hook`` of ``lm`` (a
+                            batch_size: int = 8, mean_ablation: bool = False, per_segment: bool = True,
+                            doc_ids: Optional[Tensor] = None, exclude_special: bool = True,
+                            splice_all_positions: bool = False, n_bootstrap: int = 0,
+                            bootstrap_seed: int = 0) -> dict[str, SAEResult]:
+    """Evaluate every SAE of ``saes`` (label -> SAE with ``encode``/``decode``/``W_dec``) at ``hook`` of ``lm`` (a
     ``LoadedModel`` or a torch module) on ``input_ids``/``segments`` [N, T]; returns label -> :class:`SAEResult`.
 
-    The clean pass, zero ablation and mean ablation run once per mini-batch for all SAEs. Definitions: module
-    docstring. Results do not depend on ``batch_size`` beyond floating-point rounding of the model itself.
+    Definitions: module docstring. ``exclude_special``: the SAEs' training mask (their ``exclude_special_tokens``);
+    ``n_bootstrap`` replicates over documents (``doc_ids``) give the error bars. Results do not depend on
+    ``batch_size`` beyond floating-point rounding of the model itself.
     """
-    if not saes:
-        raise MetricError("No SAE to evaluate.")
-    if batch_size <= 0:
-        raise MetricError(f"batch_size must be positive (got {batch_size}).")
-    ids, segs = _validate_tokens(input_ids, segments)
-    model = _module(lm)
-    hook = _resolve(model, hook)
+    ids, segs, docs = _validate(input_ids, segments, doc_ids, n_saes=len(saes), batch_size=batch_size)
+    cluster, n_docs = _clusters(docs)
+    model = torch_module(lm)
+    hook = as_hook(model, hook)
     device = next(model.parameters()).device
-    pad, _ = segment_codes()
-
-    means = _group_means(model, hook, ids, segs, batch_size, device, per_segment)
+    means = _group_means(model, hook, ids, segs, batch_size, device)
+    if OVERALL not in means:
+        raise MetricError("No content token (text, user, assistant or system) to evaluate on: the tokens are all "
+                          "special or chat-template text. Evaluate on data with ordinary content.")
     recon: dict[str, dict[str, ReconstructionAccumulator]] = {label: {} for label in saes}
-    sums = _NextTokenSums()
+    lm_sums = DocumentSums(n_docs + 1)
+    rec_sums = {label: DocumentSums(n_docs + 1) for label in saes}
     conds = {label: f"sae:{label}" for label in saes}
+    with_all = per_segment and has_template(segs)
 
     for i in range(0, ids.shape[0], batch_size):
-        x_ids, s = ids[i:i + batch_size].to(device), segs[i:i + batch_size]
-        valid = s != pad
+        x_ids, s, c = ids[i:i + batch_size].to(device), segs[i:i + batch_size], cluster[i:i + batch_size]
+        valid = s != PAD
         attn = None if bool(valid.all()) else valid.long().to(device)
-        clean_logits, a = _clean_forward(model, hook, x_ids, attn)
+        where = splice_positions(s, exclude_special, splice_all_positions)
+        clean_logits, a = clean_forward(model, hook, x_ids, attn)
         counted = lm_positions(s)
-        rows = counted.nonzero(as_tuple=True)
-        rows_dev = (rows[0].to(clean_logits.device), rows[1].to(clean_logits.device))
+        rows = tuple(r.to(clean_logits.device) for r in counted.nonzero(as_tuple=True))
         targets = x_ids[:, 1:][counted.to(device)].to(clean_logits.device)
-        tgt_groups = {g: m[counted].to(clean_logits.device)
-                      for g, m in _groups(s[:, 1:], counted, per_segment).items()}
-        rec_groups = _groups(s, reconstruction_positions(s), per_segment)
+        tgt_doc = c[:, 1:][counted]
+        tgt_groups = {g: m[counted] for g, m in groups(s[:, 1:], counted, per_segment, with_all).items()}
+        rec_groups = groups(s, reconstruction_positions(s), per_segment, with_all)
 
-        def next_token_terms(patched_logits: Optional[Tensor]) -> tuple[Tensor, Optional[Tensor]]:
-            """Per counted position: CE (float64) and, for a patched run, KL(p_clean || p_patched)."""
-            n_rows, vocab = targets.shape[0], clean_logits.shape[-1]
-            ce = torch.empty(n_rows, dtype=torch.float64, device=clean_logits.device)
-            kl = None if patched_logits is None else torch.empty_like(ce)
-            for sl in _chunks(n_rows, vocab):
-                r = (rows_dev[0][sl], rows_dev[1][sl])
-                lp_clean = _row_logprobs(clean_logits, r)
-                if patched_logits is None:
-                    ce[sl] = -lp_clean.gather(1, targets[sl, None]).squeeze(1)
-                    continue
-                lp = _row_logprobs(patched_logits, r)
-                ce[sl] = -lp.gather(1, targets[sl, None]).squeeze(1)
-                kl[sl] = (lp_clean.exp() * (lp_clean - lp)).sum(-1)
-            return ce, kl
+        def add_terms(cond: str, ce: Tensor, kl: Optional[Tensor]) -> None:
+            for g, m in tgt_groups.items():
+                lm_sums.add(f"{g}|ce|{cond}", ce.cpu()[m], tgt_doc[m])
+                if kl is not None:
+                    lm_sums.add(f"{g}|kl|{cond}", kl.cpu()[m], tgt_doc[m])
 
-        ce_clean, _ = next_token_terms(None)
-        sums.add("clean", tgt_groups, ce_clean, None, count=True)
-
+        for g, m in tgt_groups.items():
+            lm_sums.add(f"{g}|n", torch.ones(int(m.sum())), tgt_doc[m])
+        add_terms("clean", *_next_token_terms(clean_logits, None, rows, targets))
         for label, sae in saes.items():
-            x_hat, f = _reconstruct(sae, a)
-            accs = recon[label]
+            x_hat, f = reconstruct(sae, a)
             for g, m in rec_groups.items():
-                if g not in accs:
-                    accs[g] = ReconstructionAccumulator(a.shape[-1], f.shape[-1], mean=means.get(g))
-                accs[g].update(a, x_hat, f, mask=m.to(a.device))
-            patched = _patched_forward(model, hook, x_ids, attn, _replace_with(x_hat))
-            sums.add(conds[label], tgt_groups, *next_token_terms(patched))
+                if g not in recon[label]:
+                    recon[label][g] = ReconstructionAccumulator(a.shape[-1], f.shape[-1], mean=means.get(g))
+                recon[label][g].update(a, x_hat, f, mask=m.to(a.device))
+                md = m.to(a.device)
+                fires = g == OVERALL and n_docs * f.shape[-1] <= MAX_FIRE_TABLE
+                for k, v in reconstruction_token_stats(a[md], x_hat[md], f[md], means[g], fires).items():
+                    rec_sums[label].add(f"{g}|{k}", v, c[m])
+            patched = patched_forward(model, hook, x_ids, attn, replace_at(x_hat, where))
+            add_terms(conds[label], *_next_token_terms(clean_logits, patched, rows, targets))
             del patched, f
-
-        zero = _patched_forward(model, hook, x_ids, attn, _replace_with(torch.zeros_like(a)))
-        sums.add("zero", tgt_groups, *next_token_terms(zero))
+        zero = patched_forward(model, hook, x_ids, attn, replace_at(torch.zeros_like(a), where))
+        add_terms("zero", *_next_token_terms(clean_logits, zero, rows, targets))
         del zero
         if mean_ablation:
-            mean_patched = _patched_forward(model, hook, x_ids, attn, _replace_with(means["overall"], True))
-            sums.add("mean", tgt_groups, *next_token_terms(mean_patched))
+            mean_patched = patched_forward(model, hook, x_ids, attn, replace_at(means[ALL_TOKENS], where))
+            add_terms("mean", *_next_token_terms(clean_logits, mean_patched, rows, targets))
             del mean_patched
 
-    counts = token_counts(segs)
-    results: dict[str, SAEResult] = {}
-    for label in saes:
-        accs = recon[label]
-        overall = {**accs["overall"].compute(), **_lm_block(sums, "overall", conds[label], mean_ablation)}
-        overall["tokens/reconstruction_counted"] = accs["overall"].n
-        seg_results: dict[str, dict[str, float]] = {}
-        if per_segment:
-            names = [g for g in list(accs) + list(sums.count) if g != "overall"]
-            for g in dict.fromkeys(names):
-                block: dict[str, float] = {}
-                if g in accs:
-                    block.update(accs[g].compute())
-                    block["tokens/reconstruction_counted"] = accs[g].n
-                else:
-                    block["tokens/reconstruction_counted"] = 0
-                if g in sums.count:
-                    block.update(_lm_block(sums, g, conds[label], mean_ablation))
-                else:
-                    block["tokens/lm_counted"] = 0
-                seg_results[g] = block
-        results[label] = SAEResult(metrics=overall, segments=seg_results,
-                                   log10_feature_density=accs["overall"].log10_feature_density().cpu(),
-                                   tokens=dict(counts))
-    return results
+    weights = None
+    if n_bootstrap > 0:  # the extra zero column is the cluster of inserted BOS / padding (never counted)
+        weights = torch.cat([bootstrap_weights(n_docs, n_bootstrap, bootstrap_seed),
+                             torch.zeros(n_bootstrap, 1, dtype=torch.float64)], 1)
+    lm_reps = lm_sums.totals(weights) if weights is not None else None
+    extra = (token_counts(segs), splice_description(splice_all_positions, exclude_special))
+    return {label: _result(recon[label], rec_sums[label], lm_sums, lm_reps, weights, conds[label], mean_ablation,
+                           *extra) for label in saes}
+
+
+def _result(accs, rec_sums: DocumentSums, lm_sums: DocumentSums, lm_reps, weights, cond: str, mean_ablation: bool,
+            counts: dict, splice: str) -> SAEResult:
+    """One SAE's :class:`SAEResult`: point values per group, then the bootstrap error bars per group."""
+    lm_point = lm_sums.totals()
+    names = list(dict.fromkeys(list(accs) + [k.split("|")[0] for k in lm_point if k.endswith("|n")]))
+    rec_reps = rec_sums.totals(weights) if weights is not None else None
+    blocks: dict[str, dict[str, float]] = {}
+    errors: dict[str, dict[str, dict[str, float]]] = {}
+    for g in names:
+        block: dict[str, float] = {}
+        if g in accs:
+            block.update(accs[g].compute())
+        block["tokens/reconstruction_counted"] = accs[g].n if g in accs else 0
+        if f"{g}|n" in lm_point:
+            block.update({k: float(v) for k, v in lm_from_totals(lm_point, g, cond, mean_ablation).items()})
+            per_doc = lm_sums.sums[f"{g}|n"]
+            block["tokens/lm_counted"] = int(lm_point[f"{g}|n"])
+            block["tokens/documents"] = int((per_doc > 0).sum())
+        else:
+            block["tokens/lm_counted"] = 0
+        blocks[g] = block
+        if weights is not None:
+            reps: dict[str, Tensor] = {}
+            if g in accs:
+                reps.update(reconstruction_from_totals(rec_reps, prefix=f"{g}|"))
+            if f"{g}|n" in lm_point:
+                reps.update(lm_from_totals(lm_reps, g, cond, mean_ablation))
+            errors[g] = error_bars(reps)
+    overall = blocks.pop(OVERALL)
+    return SAEResult(metrics=overall, segments=blocks if len(blocks) else {},
+                     log10_feature_density=accs[OVERALL].log10_feature_density().cpu(), tokens=dict(counts),
+                     errors=errors, splice=splice)

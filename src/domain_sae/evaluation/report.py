@@ -14,7 +14,7 @@ from typing import Any, Iterable, Optional, Sequence
 from ..markdown import escape_markdown, markdown_cell
 
 __all__ = ["jsonable", "write_json", "fmt", "markdown_table", "eval_markdown", "plot_heatmap",
-           "plot_density_histograms", "LM_COLUMNS", "RECONSTRUCTION_COLUMNS", "MEAN_ABLATION_COLUMNS",
+           "plot_density_histograms", "fmt_se", "LM_COLUMNS", "RECONSTRUCTION_COLUMNS", "MEAN_ABLATION_COLUMNS",
            "SEGMENT_COLUMNS"]
 
 # (key, column header, format) of the two main tables of eval.md.
@@ -115,93 +115,111 @@ def markdown_table(headers: Sequence[str], rows: Iterable[Sequence[str]]) -> str
     return "\n".join(lines)
 
 
-def eval_markdown(summary: dict) -> str:
-    """eval.md from the eval.json structure written by ``runner.eval_matrix``."""
-    model = summary.get("model", {})
-    results = summary.get("results", [])
-    mean_abl = bool(summary.get("mean_ablation"))
-    out = ["# SAE evaluation", ""]
-    out.append(f"Model: {markdown_cell(model.get('name'))} ({markdown_cell(model.get('family', '?'))}). "
-               f"Evaluated on each dataset's held-out split (never trained on).")
-    out.append("")
-    out.append("Definitions (SPEC section 3): CE = next-token cross-entropy in nats over counted positions (the "
-               "target token is neither padding nor a special/chat-template-marker token); CE score = (CE_zero-abl "
-               "- CE_SAE) / (CE_zero-abl - CE_clean); Δ CE = CE_SAE - CE_clean; KL = mean KL(p_clean || p_patched); "
-               "KL score = (KL_zero-abl - KL_SAE) / KL_zero-abl; EV = 1 - Σ||x - x̂||² / Σ||x - x̄||² over all "
-               "evaluated tokens (x̄ their mean), float64; dead = never fired on the evaluated tokens; dense = fired "
-               "on more than 10% of them. The SAE replaces the hook's output at every position.")
-    if mean_abl:
-        out.append("")
-        out.append("Mean ablation (second baseline): the hook's output replaced by its mean over the evaluated "
-                   "tokens; its scores use CE/KL with mean ablation in place of zero ablation.")
-    out.append("")
+def fmt_se(value: Any, se: Any, spec: str = "{:.4f}") -> str:
+    """``value ± se`` (the se in the same format), or the value alone when there is no finite se."""
+    text = fmt(value, spec)
+    if text == "n/a" or se is None or fmt(se, spec) == "n/a":
+        return text
+    return f"{text} ± {fmt(se, spec)}"
 
-    out.append("## Datasets")
-    out.append("")
+
+_SPLICE_TEXT = {
+    "training_mask": "the SAE's reconstruction (and the zero/mean ablation) replaces the hook's output only at the "
+                     "positions the SAE trains on (its training mask: no padding, no special tokens)",
+    "all_positions": "the SAE's reconstruction (and the zero/mean ablation) replaces the hook's output at every "
+                     "position, special tokens included (SAELens's convention, --splice-all-positions)",
+}
+
+
+def _intro(summary: dict) -> list[str]:
+    model = summary.get("model", {})
+    held = summary.get("heldout", {})
+    bars = summary.get("error_bars", {})
+    splice = summary.get("splice", "training_mask")
+    return [
+        f"Model: {markdown_cell(model.get('name'))} ({markdown_cell(model.get('family', '?'))}). Evaluated on each dataset's held-out split, "
+        f"restricted to documents held out for every SAE (hash < holdout_fraction = "
+        f"{fmt(held.get('holdout_fraction'), '{:g}')}), deduplicated, sampled as windows of "
+        f"{fmt(held.get('context_size'), '{:.0f}')} tokens from many documents (see the datasets table).", "",
+        f"**Splice convention: {splice}**: {_SPLICE_TEXT.get(splice, splice)}.", "",
+        "Headline numbers count content tokens (text, user, assistant, system); chat-template text and all counted "
+        "tokens (`all_tokens`) are in the per-segment tables. Error bars: ± one standard error from a bootstrap "
+        f"over documents ({bars.get('replicates')} replicates, seed {bars.get('seed')}); eval.json also holds "
+        "95% percentile intervals.", "",
+        "Definitions (SPEC section 3): CE = next-token cross-entropy in nats over counted positions (the target "
+        "token is neither padding nor a special/chat-template-marker token); CE score = (CE_zero-abl - CE_SAE) / "
+        "(CE_zero-abl - CE_clean); Δ CE = CE_SAE - CE_clean; KL = mean KL(p_clean || p_patched); KL score = "
+        "(KL_zero-abl - KL_SAE) / KL_zero-abl; EV = 1 - Σ||x - x̂||² / Σ||x - x̄||² over the evaluated tokens (x̄ "
+        "their mean), float64; dead = never fired on the evaluated tokens; dense = fired on more than 10% of them.",
+    ]
+
+
+def _dataset_rows(summary: dict) -> list[list[str]]:
     rows = []
     for label, d in summary.get("datasets", {}).items():
-        t = d.get("tokens", {})
+        t, smp = d.get("tokens", {}), d.get("sampling") or {}
         rows.append([markdown_cell(label), markdown_cell(d.get('spec')), fmt(t.get("tokens/sequences"), "{:.0f}"),
-                     fmt(t.get("tokens/total"), "{:.0f}"), fmt(t.get("tokens/special"), "{:.0f}"),
-                     fmt(t.get("tokens/pad"), "{:.0f}"), fmt(t.get("tokens/lm_counted"), "{:.0f}"),
-                     fmt(t.get("tokens/reconstruction_counted"), "{:.0f}")])
-    out.append(markdown_table(["dataset", "source", "sequences", "tokens", "special", "pad", "CE tokens counted",
-                               "reconstruction tokens counted"], rows))
-    out.append("")
+                     fmt(smp.get("documents"), "{:.0f}"), fmt(smp.get("heldout_documents"), "{:.0f}"),
+                     fmt(smp.get("duplicates_removed"), "{:.0f}"), fmt(smp.get("max_tokens_per_document"), "{:.0f}"),
+                     fmt(t.get("tokens/total"), "{:.0f}"), fmt(t.get("tokens/lm_counted_content"), "{:.0f}"),
+                     fmt(t.get("tokens/reconstruction_counted_content"), "{:.0f}")])
+    return rows
 
-    out.append("## SAEs")
-    out.append("")
-    rows = [[markdown_cell(label), markdown_cell(s.get('path')), markdown_cell(s.get('hook')),
-             fmt(s.get("d_in"), "{:.0f}"), fmt(s.get("d_sae"), "{:.0f}"), markdown_cell(s.get('trained_on'))]
-            for label, s in summary.get("saes", {}).items()]
-    out.append(markdown_table(["SAE", "path", "hook", "d_in", "d_sae", "trained on"], rows))
-    out.append("")
 
-    def table(cols):
-        rows = [[markdown_cell(r['sae']), markdown_cell(r['dataset'])]
-                + [fmt(r["metrics"].get(k), f_) for k, _, f_ in cols] for r in results]
-        return markdown_table(["SAE", "dataset"] + [h for _, h, _ in cols], rows)
+def _cells(block: dict, errors: dict, cols) -> list[str]:
+    return [fmt_se(block.get(k), (errors.get(k) or {}).get("se"), f_) if not k.startswith("tokens/")
+            else fmt(block.get(k), f_) for k, _, f_ in cols]
 
-    out.append("## Language-model metrics (one row per SAE × dataset)")
-    out.append("")
-    out.append(table(LM_COLUMNS))
-    out.append("")
+
+def eval_markdown(summary: dict) -> str:
+    """eval.md from the eval.json structure written by ``runner.eval_matrix``."""
+    results = summary.get("results", [])
+    mean_abl = bool(summary.get("mean_ablation"))
+    out = ["# SAE evaluation", ""] + _intro(summary)
     if mean_abl:
-        out.append("### Mean-ablation baseline")
-        out.append("")
-        out.append(table(MEAN_ABLATION_COLUMNS))
-        out.append("")
-    out.append("## Reconstruction metrics (one row per SAE × dataset)")
-    out.append("")
-    out.append(table(RECONSTRUCTION_COLUMNS))
-    out.append("")
+        out += ["", "Mean ablation (second baseline): the hook's output replaced by its mean over the evaluated "
+                    "tokens; its scores use CE/KL with mean ablation in place of zero ablation."]
+    out += ["", "## Datasets", "", markdown_table(
+        ["dataset", "source", "sequences", "documents sampled", "held-out documents", "duplicates removed",
+         "max tokens/document", "tokens", "CE tokens (content)", "reconstruction tokens (content)"],
+        _dataset_rows(summary)), ""]
+    out += ["## SAEs", "", markdown_table(
+        ["SAE", "path", "hook", "d_in", "d_sae", "trained on", "splice"],
+        [[markdown_cell(label), markdown_cell(s.get('path')), markdown_cell(s.get('hook')), fmt(s.get("d_in"), "{:.0f}"),
+          fmt(s.get("d_sae"), "{:.0f}"), markdown_cell(s.get('trained_on')), s.get("splice", "")]
+         for label, s in summary.get("saes", {}).items()]), ""]
 
+    def table(cols, splice_col=False):
+        rows = [[markdown_cell(r['sae']), markdown_cell(r['dataset'])] + ([r.get("splice", "")] if splice_col else [])
+                + _cells(r["metrics"], (r.get("errors") or {}).get("overall", {}), cols)
+                + [fmt(r["metrics"].get("tokens/documents"), "{:.0f}")] for r in results]
+        return markdown_table(["SAE", "dataset"] + (["splice"] if splice_col else []) + [h for _, h, _ in cols]
+                              + ["documents"], rows)
+
+    out += ["## Language-model metrics (one row per SAE × dataset; content tokens)", "", table(LM_COLUMNS, True), ""]
+    if mean_abl:
+        out += ["### Mean-ablation baseline", "", table(MEAN_ABLATION_COLUMNS, True), ""]
+    out += ["## Reconstruction metrics (one row per SAE × dataset; content tokens)", "",
+            table(RECONSTRUCTION_COLUMNS), ""]
     for ds in summary.get("datasets", {}):
         seg_rows = []
-        for r in results:
-            if r["dataset"] != ds:
-                continue
+        for r in (r for r in results if r["dataset"] == ds):
             segs = r.get("segments") or {}
             if len(segs) < 2:
                 continue
             for name, block in segs.items():
-                seg_rows.append([markdown_cell(r['sae']), markdown_cell(name)]
-                                + [fmt(block.get(k), f_) for k, _, f_ in SEGMENT_COLUMNS])
+                seg_rows.append([markdown_cell(r['sae']), markdown_cell(name)] + _cells(block, (r.get("errors") or {}).get(name, {}),
+                                                                 SEGMENT_COLUMNS))
         if seg_rows:
-            out.append(f"## Per segment: {escape_markdown(ds)}")
-            out.append("")
-            out.append("CE/KL positions belong to the segment of the predicted (target) token; reconstruction "
-                       "positions to the segment of their own token.")
-            out.append("")
-            out.append(markdown_table(["SAE", "segment"] + [h for _, h, _ in SEGMENT_COLUMNS], seg_rows))
-            out.append("")
-
+            out += [f"## Per segment: {escape_markdown(ds)}", "", "CE/KL positions belong to the segment of the predicted (target) "
+                    "token; reconstruction positions to the segment of their own token; `all_tokens` = content and "
+                    "template together.", "", markdown_table(["SAE", "segment"] + [h for _, h, _ in SEGMENT_COLUMNS],
+                                                             seg_rows), ""]
     figs = summary.get("files", {})
     if figs:
-        out.append("## Figures")
-        out.append("")
-        for name in list(figs.get("heatmaps", {}).values()) + list(figs.get("density", {}).values()):
-            out.append(f"![{escape_markdown(name)}]({name})")
+        out += ["## Figures", ""]
+        out += [f"![{escape_markdown(name)}]({name})" for name in list(figs.get("heatmaps", {}).values())
+                + list(figs.get("density", {}).values())]
         out.append("")
     return "\n".join(out)
 
@@ -224,8 +242,10 @@ def _save(fig, path: Path) -> Path:
 
 def plot_heatmap(values: Sequence[Sequence[Optional[float]]], row_labels: Sequence[str],
                  col_labels: Sequence[str], title: str, path: str | Path, *, value_format: str = "{:.3f}",
-                 colorbar_label: str = "", cmap: str = "viridis") -> Path:
-    """SAEs (rows) × datasets (columns) heatmap with each cell's value written in it; missing values are grey."""
+                 colorbar_label: str = "", cmap: str = "viridis",
+                 errors: Optional[Sequence[Sequence[Optional[float]]]] = None) -> Path:
+    """SAEs (rows) × datasets (columns) heatmap with each cell's value (and ``± errors``, its standard error,
+    when given) written in it; missing values are grey."""
     import numpy as np
     plt = _plt()
     arr = np.array([[np.nan if v is None else float(v) for v in row] for row in values], dtype=float)
@@ -247,6 +267,9 @@ def plot_heatmap(values: Sequence[Sequence[Optional[float]]], row_labels: Sequen
         for j in range(n_c):
             v = arr[i, j]
             text = "n/a" if not np.isfinite(v) else value_format.format(v)
+            se = None if errors is None else errors[i][j]
+            if np.isfinite(v) and se is not None and math.isfinite(float(se)):
+                text += "\n± " + value_format.format(float(se))
             shade = 0.5 if not np.isfinite(v) else (v - vmin) / (vmax - vmin)
             ax.text(j, i, text, ha="center", va="center", fontsize=9,
                     color="black" if shade > 0.55 else "white")

@@ -14,23 +14,28 @@ from __future__ import annotations
 import dataclasses
 import platform
 import re
+from importlib import metadata as importlib_metadata
 from pathlib import Path
 from typing import Any, Callable, Mapping, Optional, Sequence
 
 import torch
 from torch import Tensor
 
-from ..errors import UserError
+from ..config import DataConfig
+from ..data.pipeline import heldout_batch
+from ..data.sampling import HeldoutSample
+from ..models.hooks import hook_d_in, resolve_hook
+from ..models.load import load_model, resolve_device
+from ..sae.io import load_sae
 from ..outdirs import check_output_dir, prepare_output_dir
 from . import report
-from .lm_metrics import SAEResult, evaluate_saes_on_tokens, token_counts
+from .heldout import EvalError, resolve_eval_config, sae_metadata
+from .lm_metrics import SAEResult, evaluate_saes_on_tokens, splice_description
+from .patching import sae_widths, torch_module
+from .positions import token_counts
 
 __all__ = ["EvalError", "EvalCompatibilityError", "evaluate", "evaluate_sae", "make_evaluator", "eval_matrix",
            "check_sae_compatible", "same_model_name", "HEATMAPS", "TRAINING_LOG_KEYS"]
-
-
-class EvalError(UserError):
-    """An evaluation that cannot run as asked (no SAEs, no datasets, unusable held-out data)."""
 
 
 class EvalCompatibilityError(EvalError):
@@ -41,6 +46,8 @@ class EvalCompatibilityError(EvalError):
 # held-out values of these under "heldout/<name>" so they do not overwrite the training-batch values.
 TRAINING_LOG_KEYS = ("metrics/explained_variance", "metrics/explained_variance_std", "metrics/l0",
                      "metrics/mean_log10_feature_sparsity", "sparsity/")
+
+DEFAULT_HOOK = DataConfig.hook  # for an SAE whose metadata names no hook and no hook is given
 
 # (metric key, file stem, title, value format, colorbar label)
 HEATMAPS = [
@@ -66,16 +73,24 @@ def _flatten(res: SAEResult, per_segment: bool) -> dict:
     out.update({k: v for k, v in res.tokens.items() if k not in out})
     if per_segment:
         out["segments"] = res.segments
+    if res.errors:
+        out["errors"] = res.errors
     return out
 
 
 def evaluate_sae(sae: Any, lm: Any, hook: Any, input_ids: Tensor, segments: Tensor, *, batch_size: int = 8,
-                 mean_ablation: bool = False, per_segment: bool = True) -> dict:
+                 mean_ablation: bool = False, per_segment: bool = True, doc_ids: Optional[Tensor] = None,
+                 exclude_special: bool = True, splice_all_positions: bool = False, n_bootstrap: int = 0,
+                 bootstrap_seed: int = 0) -> dict:
     """All metrics of ``sae`` spliced at ``hook`` (a HookPoint or its name) of ``lm`` (LoadedModel or module) on
     ``input_ids``/``segments`` [N, T]: a flat dict of SPEC section 3 keys (``metrics/...``, ``sparsity/...``),
-    token counts (``tokens/...``) and, with ``per_segment``, ``segments``: {segment name: same keys}."""
+    token counts (``tokens/...``), with ``per_segment`` ``segments``: {segment name: same keys}, and with
+    ``n_bootstrap`` > 0 ``errors``: {group: {metric: {se, ci95_low, ci95_high}}} (bootstrap over ``doc_ids``).
+    Splicing and counted positions: :mod:`.lm_metrics`."""
     res = evaluate_saes_on_tokens({"sae": sae}, lm, hook, input_ids, segments, batch_size=batch_size,
-                                  mean_ablation=mean_ablation, per_segment=per_segment)["sae"]
+                                  mean_ablation=mean_ablation, per_segment=per_segment, doc_ids=doc_ids,
+                                  exclude_special=exclude_special, splice_all_positions=splice_all_positions,
+                                  n_bootstrap=n_bootstrap, bootstrap_seed=bootstrap_seed)["sae"]
     return _flatten(res, per_segment)
 
 
@@ -83,10 +98,12 @@ evaluate = evaluate_sae  # the name used in docs/architecture.md
 
 
 def make_evaluator(lm: Any, hook: Any, input_ids: Tensor, segments: Tensor, *, batch_size: int = 8,
-                   mean_ablation: bool = False) -> Callable[[Any], dict[str, float]]:
+                   mean_ablation: bool = False, exclude_special: bool = True,
+                   splice_all_positions: bool = False) -> Callable[[Any], dict[str, float]]:
     """``evaluator(sae) -> dict[str, float]`` on this fixed held-out batch, for the trainer.
 
-    Same computation as :func:`evaluate_sae` (and ``dsae eval``). The LM metrics keep their SPEC names
+    Same computation as :func:`evaluate_sae` (and ``dsae eval``; the SAE spliced at its training mask
+    ``exclude_special`` unless ``splice_all_positions``). The LM metrics keep their SPEC names
     (``metrics/ce_loss_score``, ``metrics/ce_loss_without_sae``, ...); the keys the trainer also logs with a
     training-batch meaning (:data:`TRAINING_LOG_KEYS`: explained variance, L0, ``sparsity/...``) are returned as
     ``heldout/<name without prefix>`` (e.g. ``heldout/explained_variance``, ``heldout/dead_features``).
@@ -96,7 +113,8 @@ def make_evaluator(lm: Any, hook: Any, input_ids: Tensor, segments: Tensor, *, b
 
     def evaluator(sae: Any) -> dict[str, float]:
         flat = evaluate_sae(sae, lm, hook, ids, segs, batch_size=batch_size, mean_ablation=mean_ablation,
-                            per_segment=False)
+                            per_segment=False, exclude_special=exclude_special,
+                            splice_all_positions=splice_all_positions)
         out: dict[str, float] = {}
         for k, v in flat.items():
             if any(k == p or (p.endswith("/") and k.startswith(p)) for p in TRAINING_LOG_KEYS):
@@ -127,31 +145,12 @@ def same_model_name(a: Optional[str], b: Optional[str]) -> bool:
     return _normalise_model_name(a) == _normalise_model_name(b)
 
 
-def _metadata(sae: Any) -> dict:
-    meta = getattr(getattr(sae, "cfg", None), "metadata", None)
-    if meta is None:
-        return {}
-    if isinstance(meta, dict):
-        return meta
-    if dataclasses.is_dataclass(meta):
-        return dataclasses.asdict(meta)
-    return dict(vars(meta))
-
-
-def _sae_dims(sae: Any) -> tuple[int, int]:
-    cfg = getattr(sae, "cfg", None)
-    d_in, d_sae = getattr(cfg, "d_in", None), getattr(cfg, "d_sae", None)
-    if d_in is None or d_sae is None:
-        d_sae, d_in = sae.W_dec.shape
-    return int(d_in), int(d_sae)
-
-
 def check_sae_compatible(sae: Any, label: str, *, model_names: Sequence[str], hook_name: str, hook_d_in: int,
                          allow_model_mismatch: bool = False) -> None:
     """Raise :class:`EvalCompatibilityError` when ``sae`` does not fit: its d_in differs from the hook's width, or
     its metadata names a different model (see :func:`same_model_name`) and ``allow_model_mismatch`` is False."""
-    d_in, _ = _sae_dims(sae)
-    meta = _metadata(sae)
+    d_in, _ = sae_widths(sae)
+    meta = sae_metadata(sae)
     trained_model = meta.get("model_name")
     if trained_model and not allow_model_mismatch and not any(same_model_name(trained_model, m)
                                                                for m in model_names if m):
@@ -187,12 +186,11 @@ def _unique_labels(paths: Sequence[str]) -> list[str]:
 
 
 def _versions() -> dict[str, str]:
-    from importlib import metadata
     out = {"python": platform.python_version(), "torch": torch.__version__}
     for dist, key in [("transformers", "transformers"), ("domain-sae", "domain-sae"), ("numpy", "numpy")]:
         try:
-            out[key] = metadata.version(dist)
-        except metadata.PackageNotFoundError:
+            out[key] = importlib_metadata.version(dist)
+        except importlib_metadata.PackageNotFoundError:
             out[key] = "not installed"
     return out
 
@@ -207,136 +205,86 @@ def _histogram(log10_density: Tensor, lo: float = -10.0, hi: float = 0.0, width:
 
 
 def _load_lm(cfg: Any) -> Any:
-    from ..models.load import load_model, resolve_device
     return load_model(cfg.model, device=resolve_device(cfg.device), dtype=getattr(torch, cfg.model_dtype))
 
 
-def _heldout(cfg: Any, dataset: str, tokenizer: Any) -> tuple[Tensor, Tensor]:
-    from ..data.pipeline import heldout_batch
-    dcfg = dataclasses.replace(cfg, data=dataset)
-    ids, segs = heldout_batch(dcfg, tokenizer, cfg.eval_tokens)
-    if ids.numel() == 0:
+def _heldout(cfg: Any, dataset: str, tokenizer: Any):
+    """The :class:`~domain_sae.data.sampling.HeldoutSample` of ``dataset`` (the one sampler of every evaluation)."""
+    sample = heldout_batch(dataclasses.replace(cfg, data=dataset), tokenizer, cfg.eval_tokens)
+    if sample.input_ids.numel() == 0:
         raise EvalError(f"The held-out split of dataset '{dataset}' is empty; raise holdout_fraction or use a "
                         f"larger dataset.")
-    return ids, segs
+    return sample
 
 
-def eval_matrix(sae_dirs: Sequence[str | Path], datasets: Sequence[str], cfg: Any, *, lm: Any = None,
-                out_dir: str | Path, hook: Optional[str] = None, batch_size: Optional[int] = None,
-                allow_model_mismatch: bool = False,
-                heldout: Optional[Mapping[str, tuple[Tensor, Tensor]]] = None,
-                saes: Optional[Sequence[Any]] = None) -> dict:
-    """Evaluate every SAE on every dataset's held-out split; write eval.json, eval.md and PNGs to ``out_dir``.
-
-    ``sae_dirs``: SAE directories (ours or SAELens's), loaded with ``sae.io.load_sae`` (or pass the loaded
-    ``saes`` in the same order). ``datasets``: data specs (``chat``, ``code``, a file, a hub id); each one's
-    held-out tokens come from ``data.pipeline.heldout_batch(replace(cfg, data=spec), tokenizer,
-    cfg.eval_tokens)`` — the split ``dsae train`` sets aside — unless ``heldout`` maps the spec to
-    ``(input_ids, segments)``. ``cfg``: an :class:`~domain_sae.config.EvalConfig` (model, device, dtype,
-    context_size, eval_tokens, mean_ablation, model_batch_size = sequences per forward unless ``batch_size``).
-    ``lm``: a loaded model to reuse (else ``cfg.model`` is loaded).
-
-    Hooks: each SAE is evaluated at the hook named in its metadata (``cfg.hook`` when it names none); with
-    ``hook`` given, every SAE whose metadata names a different hook is refused. SAEs are grouped by hook so the
-    clean pass and the ablations run once per (dataset, hook). Every SAE is checked first
-    (:func:`check_sae_compatible`): d_in against the hook's width and the metadata model name against the model.
-
-    Returns the eval.json structure (``results``: one row per SAE × dataset with ``metrics``, ``segments``,
-    ``tokens``). Deterministic: the same inputs give byte-identical eval.json and eval.md.
-    """
-    from ..models.hooks import hook_d_in, resolve_hook
-
-    if not sae_dirs and not saes:
-        raise EvalError("No SAE given; pass one or more SAE directories.")
-    if not datasets:
-        raise EvalError("No dataset given; pass --data chat, --data code or a file.")
-    paths = [str(p) for p in sae_dirs] if sae_dirs else [f"sae_{i}" for i in range(len(saes))]
-    if saes is None:
-        from ..sae.io import load_sae
-        saes = [load_sae(p) for p in paths]
-    if len(saes) != len(paths):
-        raise EvalError(f"{len(saes)} SAEs given for {len(paths)} paths.")
-    out_dir = Path(out_dir)
-    check_output_dir(out_dir, "eval", option="--out")  # refuse now; create only once every check has passed
-    batch_size = int(batch_size or getattr(cfg, "model_batch_size", 8))
-
-    lm = lm if lm is not None else _load_lm(cfg)
-    model = lm if isinstance(lm, torch.nn.Module) else lm.model
+def _prepare_saes(saes, sae_labels, paths, model, model_names, cfg, hook, allow_model_mismatch):
+    """Check every SAE against the model; (info per SAE, {(hook, exclude_special): {label: SAE}})."""
     device = next(model.parameters()).device
-    model_names = [getattr(lm, "name", None) or cfg.model]  # the model actually used
-
-    sae_labels = _unique_labels(paths)
     info: dict[str, dict] = {}
-    by_hook: dict[str, dict[str, Any]] = {}
+    groups: dict[tuple[str, bool], dict[str, Any]] = {}
     for label, path, sae in zip(sae_labels, paths, saes):
-        meta = _metadata(sae)
+        meta = sae_metadata(sae)
         meta_hook = meta.get("hook_name")
         if hook is not None and meta_hook and meta_hook != hook:
             raise EvalCompatibilityError(f"SAE {label} was trained at hook '{meta_hook}' but --hook {hook} was "
                                          f"given; evaluate it at its own hook (drop --hook) or pick SAEs of "
                                          f"that hook.")
-        hook_name = hook or meta_hook or cfg.hook
+        hook_name = hook or meta_hook or DEFAULT_HOOK
         hp = resolve_hook(model, hook_name)
         check_sae_compatible(sae, label, model_names=model_names, hook_name=hook_name,
                              hook_d_in=int(hook_d_in(model, hp)), allow_model_mismatch=allow_model_mismatch)
-        if hasattr(sae, "to"):
-            sae.to(device)
-        d_in, d_sae = _sae_dims(sae)
+        sae.to(device)
+        d_in, d_sae = sae_widths(sae)
+        exclude = bool(meta.get("exclude_special_tokens", cfg.exclude_special_tokens))
         info[label] = {"path": path, "hook": hook_name, "d_in": d_in, "d_sae": d_sae,
-                       "architecture": getattr(getattr(sae, "cfg", None), "architecture", None),
+                       "architecture": sae.cfg.architecture,
                        "trained_on": meta.get("dataset_path"), "model_name": meta.get("model_name"),
-                       "metadata": meta}
-        by_hook.setdefault(hook_name, {})[label] = sae
+                       "splice": splice_description(cfg.splice_all_positions, exclude), "metadata": meta}
+        groups.setdefault((hook_name, exclude), {})[label] = sae
+    return info, groups
 
-    ds_labels = _unique_labels([str(d) for d in datasets]) if len(set(map(str, datasets))) == len(datasets) \
-        else [f"{d}#{i}" for i, d in enumerate(datasets)]
-    ds_info: dict[str, dict] = {}
-    rows_by_key: dict[tuple[str, str], dict] = {}
-    histograms: dict[str, dict[str, tuple]] = {}
-    for ds_label, spec in zip(ds_labels, datasets):
-        if heldout is not None and spec in heldout:
-            ids, segs = heldout[spec]
-        else:
-            ids, segs = _heldout(cfg, str(spec), lm.tokenizer)
-        ids, segs = torch.as_tensor(ids), torch.as_tensor(segs)
-        ds_info[ds_label] = {"spec": str(spec), "tokens": token_counts(segs.to(torch.int64))}
-        histograms[ds_label] = {}
-        for hook_name in sorted(by_hook):
-            group = by_hook[hook_name]
-            res = evaluate_saes_on_tokens(group, lm, hook_name, ids, segs, batch_size=batch_size,
-                                          mean_ablation=bool(getattr(cfg, "mean_ablation", False)),
-                                          per_segment=True)
-            for label, r in res.items():
-                hist = _histogram(r.log10_feature_density)
-                histograms[ds_label][label] = hist
-                rows_by_key[(label, ds_label)] = {
-                    "sae": label, "dataset": ds_label, "hook": hook_name, "metrics": dict(r.metrics),
-                    "segments": r.segments, "tokens": r.tokens,
-                    "log10_density_histogram": {"bin_edges": hist[0], "counts": hist[1]}}
-    results = [rows_by_key[(s, d)] for s in sae_labels for d in ds_labels]
 
-    prepare_output_dir(out_dir, "eval", option="--out")
-    files = {"heatmaps": {}, "density": {}}
+def _row(label: str, ds_label: str, hook_name: str, r: SAEResult, sample) -> dict:
+    hist = _histogram(r.log10_feature_density)
+    return {"sae": label, "dataset": ds_label, "hook": hook_name, "splice": r.splice, "metrics": dict(r.metrics),
+            "errors": r.errors, "segments": r.segments, "tokens": r.tokens,
+            "sampling": sample.summary() if sample is not None else None,
+            "log10_density_histogram": {"bin_edges": hist[0], "counts": hist[1]}}
+
+
+def _plots(rows_by_key, sae_labels, ds_labels, out_dir: Path) -> dict:
+    files: dict[str, dict] = {"heatmaps": {}, "density": {}}
     for key, stem, title, value_format, cbar in HEATMAPS:
-        values = [[rows_by_key[(s, d)]["metrics"].get(key) for d in ds_labels] for s in sae_labels]
+        cells = [[rows_by_key[(s, d)] for d in ds_labels] for s in sae_labels]
+        values = [[c["metrics"].get(key) for c in row] for row in cells]
+        errors = [[c["errors"].get("overall", {}).get(key, {}).get("se") for c in row] for row in cells]
         name = f"heatmap_{stem}.png"
         report.plot_heatmap(values, sae_labels, ds_labels, title, out_dir / name, value_format=value_format,
-                            colorbar_label=cbar)
+                            colorbar_label=cbar, errors=errors)
         files["heatmaps"][key] = name
     for i, d in enumerate(ds_labels):
         name = f"density_{i}_{re.sub(r'[^A-Za-z0-9_.-]+', '-', d)}.png"
-        report.plot_density_histograms(histograms[d], f"Latent firing density on {d} (held-out)", out_dir / name)
+        hists = {s: (rows_by_key[(s, d)]["log10_density_histogram"]["bin_edges"],
+                     rows_by_key[(s, d)]["log10_density_histogram"]["counts"]) for s in sae_labels}
+        report.plot_density_histograms(hists, f"Latent firing density on {d} (held-out)", out_dir / name)
         files["density"][d] = name
+    return files
 
-    summary = {
-        "format": "domain-sae-eval/1",
-        "model": {"name": getattr(lm, "name", cfg.model), "source": getattr(lm, "source", None),
-                  "family": getattr(lm, "family", None), "dtype": str(next(model.parameters()).dtype)},
-        "hooks": sorted(by_hook),
-        "config": dataclasses.asdict(cfg) if dataclasses.is_dataclass(cfg) else dict(vars(cfg)),
+
+def _summary(cfg, lm, model, groups, heldout_record, batch_size, info, ds_info, results, files) -> dict:
+    """The eval.json structure."""
+    return {
+        "format": "domain-sae-eval/2",
+        "model": {"name": lm.name, "source": lm.source, "family": lm.family,
+                  "dtype": str(next(model.parameters()).dtype)},
+        "hooks": sorted({h for h, _ in groups}),
+        "config": dataclasses.asdict(cfg),
+        "heldout": heldout_record,
+        "splice": "all_positions" if cfg.splice_all_positions else "training_mask",
+        "error_bars": {"method": "bootstrap over documents", "replicates": cfg.n_bootstrap, "seed": cfg.seed},
         "batch_size": batch_size,
-        "mean_ablation": bool(getattr(cfg, "mean_ablation", False)),
-        "seeds": {"eval_seed": getattr(cfg, "seed", None),
+        "mean_ablation": cfg.mean_ablation,
+        "seeds": {"eval_seed": cfg.seed, "heldout_seed": cfg.heldout_seed,
                   "sae_training_seeds": {k: v["metadata"].get("seed") for k, v in info.items()}},
         "versions": _versions(),
         "datasets": ds_info,
@@ -344,6 +292,73 @@ def eval_matrix(sae_dirs: Sequence[str | Path], datasets: Sequence[str], cfg: An
         "results": results,
         "files": files,
     }
+
+
+def eval_matrix(sae_dirs: Sequence[str | Path], datasets: Sequence[str], cfg: Any, *, lm: Any = None,
+                out_dir: str | Path, hook: Optional[str] = None, batch_size: Optional[int] = None,
+                allow_model_mismatch: bool = False,
+                heldout: Optional[Mapping[str, Any]] = None,
+                saes: Optional[Sequence[Any]] = None) -> dict:
+    """Evaluate every SAE on every dataset's held-out split; write eval.json, eval.md and PNGs to ``out_dir``.
+
+    ``sae_dirs``: SAE directories (ours or SAELens's), loaded with ``sae.io.load_sae`` (or pass the loaded
+    ``saes`` in the same order). ``cfg``: an :class:`~domain_sae.config.EvalConfig`; its null held-out options
+    (model, context_size, prepend_bos, holdout_fraction) are filled from the SAEs' metadata by
+    :func:`.heldout.resolve_eval_config` (documents held out for every SAE; refused when there are none).
+    ``datasets``: data specs; each one's tokens come from ``data.pipeline.heldout_batch(replace(cfg, data=spec),
+    tokenizer, cfg.eval_tokens)`` (windows from many documents of the held-out split), unless ``heldout`` maps
+    the spec to a HeldoutSample or ``(input_ids, segments)`` (then each sequence is its own document).
+    ``lm``: a loaded model to reuse (else ``cfg.model`` is loaded).
+
+    Hooks: each SAE is evaluated at the hook named in its metadata (``hook`` or ``cfg.hook``, when given, refuses
+    SAEs of another hook); SAEs are grouped by (hook, training mask) so the clean pass and the ablations run once
+    per group. Splicing: at each SAE's training mask, or everywhere with ``cfg.splice_all_positions``. Every
+    metric has a bootstrap standard error over documents (``cfg.n_bootstrap`` replicates, seed ``cfg.seed``).
+
+    Returns the eval.json structure. Deterministic: the same inputs give byte-identical eval.json and eval.md.
+    """
+    if not sae_dirs and not saes:
+        raise EvalError("No SAE given; pass one or more SAE directories.")
+    if not datasets:
+        raise EvalError("No dataset given; pass --data chat, --data code or a file.")
+    paths = [str(p) for p in sae_dirs] if sae_dirs else [f"sae_{i}" for i in range(len(saes))]
+    saes = [load_sae(p) for p in paths] if saes is None else list(saes)
+    if len(saes) != len(paths):
+        raise EvalError(f"{len(saes)} SAEs given for {len(paths)} paths.")
+    sae_labels = _unique_labels(paths)
+    cfg, heldout_record = resolve_eval_config(cfg, saes, sae_labels, model_name=None if lm is None else lm.name)
+    hook = hook or cfg.hook
+    out_dir = Path(out_dir)
+    check_output_dir(out_dir, "eval", option="--out")  # refuse now; create only once every check has passed
+    batch_size = int(batch_size or cfg.model_batch_size)
+    lm = lm if lm is not None else _load_lm(cfg)
+    model = torch_module(lm)
+    info, groups = _prepare_saes(saes, sae_labels, paths, model, [lm.name], cfg, hook, allow_model_mismatch)
+
+    ds_labels = _unique_labels([str(d) for d in datasets]) if len(set(map(str, datasets))) == len(datasets) \
+        else [f"{d}#{i}" for i, d in enumerate(datasets)]
+    ds_info: dict[str, dict] = {}
+    rows_by_key: dict[tuple[str, str], dict] = {}
+    for ds_label, spec in zip(ds_labels, datasets):
+        given = None if heldout is None else heldout.get(spec)
+        sample = _heldout(cfg, str(spec), lm.tokenizer) if given is None else given
+        ids, segs = (torch.as_tensor(t) for t in sample)
+        sample = sample if isinstance(sample, HeldoutSample) else None  # else a bare (ids, segs) pair
+        doc_ids = None if sample is None else sample.doc_ids
+        ds_info[ds_label] = {"spec": str(spec), "tokens": token_counts(segs.to(torch.int64)),
+                             "sampling": sample.summary() if sample is not None else None}
+        for (hook_name, exclude) in sorted(groups):
+            res = evaluate_saes_on_tokens(groups[(hook_name, exclude)], lm, hook_name, ids, segs,
+                                          batch_size=batch_size, mean_ablation=cfg.mean_ablation, per_segment=True,
+                                          doc_ids=doc_ids, exclude_special=exclude,
+                                          splice_all_positions=cfg.splice_all_positions,
+                                          n_bootstrap=cfg.n_bootstrap, bootstrap_seed=cfg.seed)
+            for label, r in res.items():
+                rows_by_key[(label, ds_label)] = _row(label, ds_label, hook_name, r, sample)
+    results = [rows_by_key[(s, d)] for s in sae_labels for d in ds_labels]
+    prepare_output_dir(out_dir, "eval", option="--out")
+    files = _plots(rows_by_key, sae_labels, ds_labels, out_dir)
+    summary = _summary(cfg, lm, model, groups, heldout_record, batch_size, info, ds_info, results, files)
     report.write_json(out_dir / "eval.json", summary)
     (out_dir / "eval.md").write_text(report.eval_markdown(report.jsonable(summary)))
     return report.jsonable(summary)
