@@ -11,14 +11,10 @@ import json
 import pytest
 import torch
 
-for _mod in ("domain_sae.models.load", "domain_sae.models.hooks", "domain_sae.data.pipeline", "domain_sae.sae.io",
-             "domain_sae.sae.standard"):
-    pytest.importorskip(_mod, reason=f"{_mod} (another helper's area) is needed")
-
-from domain_sae.config import EvalConfig, TrainConfig  # noqa: E402
-from domain_sae.data.pipeline import heldout_batch  # noqa: E402
-from domain_sae.evaluation import EvalCompatibilityError, eval_matrix, evaluate_sae  # noqa: E402
-from domain_sae.pipeline import new_sae  # noqa: E402
+from domain_sae.config import EvalConfig, TrainConfig
+from domain_sae.data.pipeline import heldout_batch
+from domain_sae.evaluation import EvalCompatibilityError, eval_matrix, evaluate_sae
+from domain_sae.pipeline import new_sae
 
 HOOK = "blocks.0.hook_resid_post"
 D = 32

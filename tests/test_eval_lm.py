@@ -13,7 +13,6 @@ import torch.nn.functional as F
 from conftest import make_tiny_model
 from domain_sae.evaluation import MetricError, evaluate_sae, make_evaluator, token_counts
 
-hooks = pytest.importorskip("domain_sae.models.hooks", reason="models/hooks.py (another helper's area) is needed")
 
 VOCAB, D = 101, 32
 HOOK = "blocks.0.hook_resid_post"  # output of decoder layer 0

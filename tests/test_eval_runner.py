@@ -15,8 +15,6 @@ from domain_sae.config import EvalConfig
 from domain_sae.evaluation import EvalCompatibilityError, eval_matrix, evaluate_sae, same_model_name
 from test_eval_lm import D, VOCAB, identity_sae, random_sae
 
-pytest.importorskip("domain_sae.models.hooks", reason="models/hooks.py (another helper's area) is needed")
-
 HOOK0, HOOK1 = "blocks.0.hook_resid_post", "blocks.1.hook_resid_post"
 
 

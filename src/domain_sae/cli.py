@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Optional
 
 from . import config as C
+from .errors import UserError
 
 
 def _env_defaults() -> None:
@@ -30,8 +31,7 @@ def _overrides(ns: argparse.Namespace, cls) -> dict:
 
 
 def _train_parser(sub, name: str, help_: str, *, finetune: bool):
-    p = sub.add_parser(name, help=help_, description=help_,
-                       formatter_class=argparse.ArgumentDefaultsHelpFormatter if False else argparse.HelpFormatter)
+    p = sub.add_parser(name, help=help_, description=help_)
     p.add_argument("--config", help="YAML or TOML file of options (CLI flags override it).")
     if not finetune:
         p.add_argument("--resume", metavar="RUN_DIR", help="Continue a killed or interrupted run from its latest "
@@ -116,9 +116,9 @@ def cmd_eval(ns) -> int:
     cfg = C.from_dict(C.EvalConfig, values, source=ns.config or "command line")
     out = Path(ns.out or "eval_out")
     # An explicit --hook is enforced (SAEs trained elsewhere are refused); otherwise each SAE uses its own hook.
-    results = eval_matrix([Path(s) for s in ns.saes], datasets, cfg, out_dir=out, hook=given_hook)
+    eval_matrix([Path(s) for s in ns.saes], datasets, cfg, out_dir=out, hook=given_hook)
     print(f"Wrote {out / 'eval.json'}, {out / 'eval.md'} and heatmaps in {out}")
-    return 0 if results is not None else 1
+    return 0
 
 
 def cmd_compare(ns) -> int:
@@ -170,10 +170,9 @@ COMMANDS = {"train": cmd_train, "finetune": cmd_finetune, "eval": cmd_eval, "com
 def main(argv: Optional[list[str]] = None) -> int:
     _env_defaults()
     ns = build_parser().parse_args(argv)
-    from .errors import user_error_types
     try:
         return COMMANDS[ns.command](ns)
-    except user_error_types() as e:
+    except UserError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

@@ -21,6 +21,7 @@ import torch
 from torch import Tensor
 
 from ..errors import UserError
+from ..models.names import same_model_name
 from . import report
 from .lm_metrics import SAEResult, evaluate_saes_on_tokens, token_counts
 
@@ -109,22 +110,6 @@ def make_evaluator(lm: Any, hook: Any, input_ids: Tensor, segments: Tensor, *, b
 
 # ----------------------------------------------------------------------------------------------------------------
 # Compatibility
-
-def _normalise_model_name(name: str) -> str:
-    s = str(name).strip().rstrip("/").replace("\\", "/").split("/")[-1].lower()
-    s = re.sub(r"\.gguf$", "", s)
-    s = re.sub(r"[.\-_](q\d[\w]*|f16|f32|bf16)$", "", s)
-    return s
-
-
-def same_model_name(a: Optional[str], b: Optional[str]) -> bool:
-    """Whether two model names denote the same model: equal after lower-casing and keeping the last path
-    component without a ``.gguf`` extension or quantisation suffix (``HuggingFaceTB/SmolLM2-135M-Instruct`` ==
-    ``SmolLM2-135M-Instruct.Q4_1.gguf`` == ``smollm2-135m-instruct``; ``openai-community/gpt2`` == ``gpt2``)."""
-    if not a or not b:
-        return False
-    return _normalise_model_name(a) == _normalise_model_name(b)
-
 
 def _metadata(sae: Any) -> dict:
     meta = getattr(getattr(sae, "cfg", None), "metadata", None)

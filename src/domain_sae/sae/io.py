@@ -14,7 +14,8 @@ On disk an SAE is a directory with
 ``activation_fn_str``, ``activation_fn_kwargs``, ``finetuning_scaling_factor``, boolean
 ``normalize_activations``, ...), run directories (their ``sae/`` folder), SAELens pretrained ``RELEASE/SAE_ID``
 and ``hf://owner/repo/path``. An SAE whose cfg still says ``expected_average_only_in`` is folded on load when its
-scale s is known (metadata ``norm_scaling_factor``, or a SAELens checkpoint's ``activation_scaler.json``). Weights are read with safetensors only; nothing is ever unpickled.
+scale s is known (metadata ``norm_scaling_factor``, or a SAELens checkpoint's ``activation_scaler.json``).
+Weights are read with safetensors only; nothing is ever unpickled.
 """
 
 from __future__ import annotations
@@ -23,15 +24,14 @@ import json
 import math
 import os
 import re
-import socket
 import warnings
 from pathlib import Path
 from typing import Any, Optional, Union
-from urllib.parse import urlparse
 
 import torch
 
 from ..errors import UserError
+from ..hf import hub_reachable as _hub_reachable
 from .registry import UnsupportedArchitectureError, get_sae_class
 from .standard import SAEModelConfig, StandardSAE, dtype_from_str, dtype_to_str
 
@@ -371,19 +371,6 @@ def _looks_like_path(s: str) -> bool:
     """True for strings that can only be a filesystem path (not a SAELens ``RELEASE/SAE_ID``)."""
     return (s.startswith((".", "/", "~", "\\")) or (os.sep != "/" and os.sep in s)
             or bool(re.match(r"^[A-Za-z]:", s)) or s.endswith((".json", ".safetensors")))
-
-
-def _hub_reachable(timeout: float = 3.0) -> bool:
-    """False when HF_HUB_OFFLINE is set or the hub endpoint does not accept a TCP connection within ``timeout``."""
-    if str(os.environ.get("HF_HUB_OFFLINE", "")).lower() in ("1", "true", "yes", "on"):
-        return False
-    url = urlparse(os.environ.get("HF_ENDPOINT", "https://huggingface.co"))
-    host, port = url.hostname or "huggingface.co", url.port or (443 if url.scheme != "http" else 80)
-    try:
-        with socket.create_connection((host, port), timeout=timeout):
-            return True
-    except OSError:
-        return False
 
 
 def from_saelens(sae_lens_sae: Any, *, source: Optional[str] = None) -> StandardSAE:

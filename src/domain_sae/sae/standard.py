@@ -29,6 +29,7 @@ import torch
 from torch import nn
 
 from ..errors import UserError
+from ..models.names import same_model_name
 
 DTYPES: dict[str, torch.dtype] = {
     "float32": torch.float32,
@@ -258,15 +259,6 @@ class StandardSAE(nn.Module):
         return sae.to(device) if device is not None else sae
 
 
-def _same_model(a: str, b: str) -> bool:
-    """Model names match when equal, or when one is a path/hub id ending in the other's last component."""
-    na, nb = str(a).rstrip("/\\").lower(), str(b).rstrip("/\\").lower()
-    if na == nb:
-        return True
-    ta, tb = na.replace("\\", "/").split("/")[-1], nb.replace("\\", "/").split("/")[-1]
-    return ta == tb and bool(ta)
-
-
 def check_compatible(sae: nn.Module, *, d_in: int, model_name: Optional[str] = None,
                      hook_name: Optional[str] = None) -> None:
     """Raise :class:`SAECompatibilityError` when ``sae`` cannot be used at a hook of width ``d_in`` (or, when both
@@ -280,7 +272,7 @@ def check_compatible(sae: nn.Module, *, d_in: int, model_name: Optional[str] = N
             f"SAE d_in={sae_d_in} does not match the hook's activation width d_in={int(d_in)}{where}. "
             f"Use the model and hook the SAE was trained on, or train a new SAE for this hook.")
     sae_model, sae_hook = meta.get("model_name"), meta.get("hook_name")
-    if model_name and sae_model and not _same_model(sae_model, model_name):
+    if model_name and sae_model and not same_model_name(sae_model, model_name):
         raise SAECompatibilityError(
             f"SAE was trained on model {sae_model!r} but is used with model {model_name!r}. Use --model "
             f"{sae_model} (or an SAE trained on {model_name}).")
