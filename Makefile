@@ -24,8 +24,9 @@ demo: setup
 demo-quick: setup
 	$(BIN)/dsae demo --quick
 
+# Lint first: the layering contract (pyproject.toml [tool.importlinter]) and ruff, then the suite.
 test: setup
-	$(BIN)/python -m pytest -q
+	$(BIN)/lint-imports && $(BIN)/ruff check src tests && $(BIN)/python -m pytest -q
 
 test-slow: setup
 	$(BIN)/python -m pytest -q -m slow

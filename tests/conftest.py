@@ -38,7 +38,8 @@ def make_tiny_model(family: str, vocab_size: int = 49152, seed: int = 0, n_layer
         cls = {"llama": tf.LlamaConfig, "qwen2": tf.Qwen2Config, "mistral": tf.MistralConfig}[family]
         cfg = cls(hidden_size=d_model, intermediate_size=2 * d_model, num_hidden_layers=n_layers,
                   num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512, **common)
-        model = {"llama": tf.LlamaForCausalLM, "qwen2": tf.Qwen2ForCausalLM, "mistral": tf.MistralForCausalLM}[family](cfg)
+        model = {"llama": tf.LlamaForCausalLM, "qwen2": tf.Qwen2ForCausalLM,
+                 "mistral": tf.MistralForCausalLM}[family](cfg)
     elif family == "gpt2":
         cfg = tf.GPT2Config(n_embd=d_model, n_layer=n_layers, n_head=4, n_positions=512, **common)
         model = tf.GPT2LMHeadModel(cfg)

@@ -6,14 +6,11 @@ from __future__ import annotations
 import pytest
 import torch
 
-pytest.importorskip("domain_sae.data.pipeline")
-pytest.importorskip("domain_sae.models.hooks")
-
-from domain_sae.activations.store import ActivationStore, refill_seed  # noqa: E402
-from domain_sae.config import TrainConfig  # noqa: E402
-from domain_sae.data.pipeline import TokenStream  # noqa: E402
-from domain_sae.data.segments import training_mask  # noqa: E402
-from domain_sae.models.hooks import capture, hook_d_in, resolve_hook  # noqa: E402
+from domain_sae.activations.store import ActivationStore, refill_seed
+from domain_sae.config import TrainConfig
+from domain_sae.data.pipeline import TokenStream
+from domain_sae.data.segments import training_mask
+from domain_sae.models.hooks import capture, hook_d_in, resolve_hook
 
 
 @pytest.fixture

@@ -168,8 +168,8 @@ def test_compare_dictionaries_summary():
 
 
 def test_permuted_standard_sae_is_matched_completely_and_behaves_the_same():
-    standard = pytest.importorskip("domain_sae.sae.standard", reason="sae/standard.py (another helper's area)")
     from domain_sae.analysis import direction_capture, reconstruction_cosine
+    from domain_sae.sae import standard
 
     cfg = standard.SAEModelConfig(d_in=12, d_sae=36)
     sae, perm_sae = standard.StandardSAE(cfg), standard.StandardSAE(standard.SAEModelConfig(d_in=12, d_sae=36))

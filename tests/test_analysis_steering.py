@@ -12,8 +12,8 @@ import torch
 from conftest import make_tiny_model
 from domain_sae.analysis import (AnalysisError, ce_change, generate_with_patch, next_token_ce, random_direction_like,
                                  steer_patch, steering_sweep)
+from domain_sae.models import hooks
 
-hooks = pytest.importorskip("domain_sae.models.hooks", reason="models/hooks.py (another helper's area) is needed")
 
 VOCAB, D = 101, 32
 HOOK = "blocks.0.hook_resid_post"  # output of decoder layer 0 == input of layer 1

@@ -13,6 +13,7 @@ import torch.nn.functional as F
 from conftest import make_tiny_model
 from domain_sae.evaluation import MetricError, evaluate_sae, make_evaluator, token_counts
 
+
 VOCAB, D = 101, 32
 HOOK = "blocks.0.hook_resid_post"  # output of decoder layer 0
 PAD, SPECIAL, TEXT, USER, ASSISTANT, TEMPLATE = -1, 0, 1, 2, 3, 4

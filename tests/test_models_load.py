@@ -64,7 +64,8 @@ def test_missing_pad_token_falls_back_to_eos(tmp_path, smol_tokenizer):
 
 def test_missing_weights_warn(tmp_path, smol_tokenizer):
     model = make_tiny_model("llama")
-    model.save_pretrained(tmp_path, state_dict={k: v for k, v in model.state_dict().items() if k != "model.norm.weight"})
+    kept = {k: v for k, v in model.state_dict().items() if k != "model.norm.weight"}
+    model.save_pretrained(tmp_path, state_dict=kept)
     smol_tokenizer.save_pretrained(tmp_path)
     with pytest.warns(RuntimeWarning, match="model.norm.weight"):
         load_model(str(tmp_path))

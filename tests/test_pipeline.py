@@ -12,7 +12,7 @@ from conftest import make_tiny_model
 from domain_sae import pipeline
 from domain_sae.cli import main
 from domain_sae.config import ConfigError, TrainConfig, build_config
-from domain_sae.errors import RunDirError
+from domain_sae.errors import RunDirError, UserError
 from domain_sae.sae.io import load_sae
 
 HOOK = "blocks.1.hook_resid_post"
@@ -79,8 +79,7 @@ def test_bad_input_is_explained_and_leaves_no_run_dir(tmp_path, tiny_lm, bad, ma
     cfg = tiny_cfg(tmp_path, max_rows=None, **bad)
     with pytest.raises(Exception, match=match) as info:
         pipeline.train(cfg, lm=tiny_lm, quiet=True)
-    from domain_sae.errors import user_error_types
-    assert isinstance(info.value, user_error_types())
+    assert isinstance(info.value, UserError)
     assert not (tmp_path / "runs" / "r").exists()
 
 

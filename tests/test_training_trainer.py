@@ -14,13 +14,11 @@ import numpy as np
 import pytest
 import torch
 
-pytest.importorskip("domain_sae.sae.standard")
-
-from domain_sae.training import checkpoint as ck  # noqa: E402
-from domain_sae.training.loggers import read_jsonl  # noqa: E402
-from domain_sae.training.schedules import l1_at, lr_at  # noqa: E402
-from domain_sae.training.trainer import Trainer, TrainingInterrupted, batch_metrics  # noqa: E402
-from training_helpers import SyntheticSparseSource, make_sae, run_tiny, tiny_config  # noqa: E402
+from domain_sae.training import checkpoint as ck
+from domain_sae.training.loggers import read_jsonl
+from domain_sae.training.schedules import l1_at, lr_at
+from domain_sae.training.trainer import Trainer, TrainingInterrupted, batch_metrics
+from training_helpers import SyntheticSparseSource, make_sae, run_tiny, tiny_config
 
 HELPER = Path(__file__).with_name("training_helpers.py")
 

@@ -18,6 +18,7 @@ from typing import Optional
 
 from . import config as C
 from .outdirs import check_output_dir, prepare_output_dir
+from .errors import UserError
 
 
 def _env_defaults() -> None:
@@ -65,8 +66,7 @@ def _unknown_message(extras: list[str], parser: argparse.ArgumentParser, command
 
 
 def _train_parser(sub, name: str, help_: str, *, finetune: bool):
-    p = sub.add_parser(name, help=help_, description=help_,
-                       formatter_class=argparse.ArgumentDefaultsHelpFormatter if False else argparse.HelpFormatter)
+    p = sub.add_parser(name, help=help_, description=help_)
     p.add_argument("--config", help="YAML or TOML file of options (CLI flags override it).")
     if not finetune:
         p.add_argument("--resume", metavar="RUN_DIR", help="Continue a killed or interrupted run from its latest "
@@ -202,10 +202,9 @@ def main(argv: Optional[list[str]] = None) -> int:
         ns = build_parser().parse_args(argv)
     except SystemExit as e:  # --help (0) or a usage error (2), already printed by argparse
         return e.code if isinstance(e.code, int) else 2
-    from .errors import user_error_types
     try:
         return COMMANDS[ns.command](ns)
-    except user_error_types() as e:
+    except UserError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

@@ -20,9 +20,11 @@ from typing import Any, Literal, Optional, get_args, get_origin
 
 from .config_arch import ArchitectureConfig, FastPathConfig
 from .config_fields import opt
+from .errors import UserError
 
 
-class ConfigError(ValueError):
+
+class ConfigError(UserError, ValueError):
     """A configuration problem the user can fix; the message names the option and the fix."""
 
 
@@ -223,7 +225,8 @@ class TrainConfig(FastPathConfig, ArchitectureConfig, DataConfig, SAEConfig):
         if self.normalize_sae_decoder:
             clash = [n for n in ("decoder_heuristic_init", "scale_sparsity_penalty_by_decoder_norm")
                      if getattr(self, n)]
-            need(not clash, "normalize_sae_decoder=True is incompatible with " + " and ".join(f"{c}=True" for c in clash)
+            need(not clash, "normalize_sae_decoder=True is incompatible with "
+                 + " and ".join(f"{c}=True" for c in clash)
                  + " (SPEC section 1): unit-norm decoder rows make both meaningless. Set "
                  + ", ".join(f"{c}=false" for c in clash) + " or normalize_sae_decoder=false.")
         return self

@@ -217,7 +217,7 @@ def _prepare(cfg, lm, hook, d_in, source, heldout, init_sae, evaluator, *, resum
     meta = sae_metadata(cfg, lm.name)
     if init_sae is not None:
         sae = copy.deepcopy(init_sae)
-        parent = dict(getattr(sae.cfg, "metadata", {}) or {})
+        parent = dict(sae.cfg.metadata)
         before = _total_tokens(parent)
         meta["lineage"] = {"parent": parent.get("source_path") or parent.get("dataset_path"),
                            "parent_dataset": parent.get("dataset_path"),

@@ -30,7 +30,9 @@ from ..outdirs import check_output_dir, write_marker
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from .store import ActivationSourceError, ShuffleBufferSource, StoreStateError, training_mask
+from ..atomic import atomic_directory
+from .store import (ActivationSourceError, ShuffleBufferSource, StoreStateError, kept_activations, read_sequences,
+                    training_mask)
 
 __all__ = ["build_activation_cache", "CachedActivationSource", "CacheError", "read_manifest", "MANIFEST"]
 
@@ -107,27 +109,16 @@ def build_activation_cache(activation_fn: Callable[[torch.Tensor], torch.Tensor]
         it = iter(token_stream)
         done = False
         while not done and n_written + n_pending < n_tokens:
-            batch = []
-            for _ in range(model_batch_size):
-                try:
-                    batch.append(next(it))
-                except StopIteration:
-                    done = True
-                    break
-            if not batch:
+            chunk = read_sequences(it, model_batch_size)
+            if chunk is None:
                 break
-            ids = torch.stack([torch.as_tensor(b[0], dtype=torch.long) for b in batch])
-            segs = torch.stack([torch.as_tensor(b[1]) for b in batch])
-            n_sequences += len(batch)
-            with torch.no_grad():
-                acts = activation_fn(ids)
-            if d_in is None:
-                d_in = int(acts.shape[-1])
-            if acts.dim() != 3 or tuple(acts.shape[:2]) != tuple(ids.shape) or acts.shape[-1] != d_in:
-                raise CacheError(f"activation_fn returned shape {tuple(acts.shape)} for input_ids "
-                                 f"{tuple(ids.shape)}; expected {(*ids.shape, d_in)}.")
-            mask = training_mask(segs, exclude_special)
-            sel32 = acts[mask.to(acts.device)].detach().to("cpu", torch.float32)
+            ids, segs = chunk
+            done = ids.shape[0] < model_batch_size
+            n_sequences += ids.shape[0]
+            kept, mask = kept_activations(activation_fn, ids, segs, d_in=d_in, exclude_special=exclude_special,
+                                          error=CacheError)
+            d_in = int(kept.shape[-1])
+            sel32 = kept.detach().to("cpu", torch.float32)
             sel = sel32.to(torch_dtype)
             if not torch.isfinite(sel).all() and torch.isfinite(sel32).all():
                 raise CacheError(f"Activations overflow {dtype} (max |x| = {sel32.abs().max():.4g}); build the cache "

@@ -19,17 +19,28 @@ The same buffer logic (:class:`ShuffleBufferSource`) serves the on-disk cache in
 
 from __future__ import annotations
 
-from typing import Any, Callable, Iterable, Iterator, Optional
+from typing import Any, Callable, Iterable, Iterator, Optional, Protocol, runtime_checkable
 
 import numpy as np
 import torch
 
+from ..data.segments import training_mask
 from ..errors import UserError
 
 __all__ = [
     "ActivationStore", "ShuffleBufferSource", "ActivationSourceError", "SourceExhaustedError", "StoreStateError",
-    "refill_seed", "training_mask",
+    "refill_seed", "training_mask", "read_sequences", "kept_activations", "SkippableStream",
 ]
+
+
+@runtime_checkable
+class SkippableStream(Protocol):
+    """A token stream that can leave out its first sequences without reading them (``data.pipeline.TokenStream``);
+    any other iterable is advanced by reading when resuming."""
+
+    def __iter__(self) -> Iterator: ...
+
+    def skip(self, n_sequences: int) -> None: ...
 
 
 class ActivationSourceError(UserError):
@@ -51,29 +62,36 @@ def refill_seed(seed: int, refill_index: int) -> int:
     return (int(state[0]) << 31) ^ int(state[1])  # < 2**63
 
 
-_MASK_FN: Optional[Callable] = None
-
-
-def training_mask(segments: torch.Tensor, exclude_special: bool) -> torch.Tensor:
-    """Positions an SAE trains on: ``segments != PAD(-1)`` and, when ``exclude_special``, ``segments != SPECIAL(0)``.
-
-    Delegates to ``domain_sae.data.segments.training_mask`` when that module is present (one definition of the
-    rule); the inline rule below is the same definition."""
-    global _MASK_FN
-    if _MASK_FN is None:
+def read_sequences(it: Iterator, n: int) -> Optional[tuple[torch.Tensor, torch.Tensor]]:
+    """The next up to ``n`` ``(input_ids [ctx], segments [ctx])`` items of ``it``, stacked ``[n', ctx]``; None when
+    ``it`` is exhausted. (Fewer than ``n`` rows means the stream ended.)"""
+    ids, segs = [], []
+    for _ in range(n):
         try:
-            from ..data.segments import training_mask as fn  # type: ignore[attr-defined]
-        except ImportError:
-            fn = _inline_training_mask
-        _MASK_FN = fn
-    return _MASK_FN(segments, exclude_special)
+            item = next(it)
+        except StopIteration:
+            break
+        ids.append(torch.as_tensor(item[0], dtype=torch.long))
+        segs.append(torch.as_tensor(item[1]))
+    return (torch.stack(ids), torch.stack(segs)) if ids else None
 
 
-def _inline_training_mask(segments: torch.Tensor, exclude_special: bool) -> torch.Tensor:
-    mask = segments != -1
-    if exclude_special:
-        mask &= segments != 0
-    return mask
+def kept_activations(activation_fn: Callable[[torch.Tensor], torch.Tensor], ids: torch.Tensor, segs: torch.Tensor,
+                     *, d_in: Optional[int], exclude_special: bool,
+                     error: Optional[type[Exception]] = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """One model chunk: ``acts = activation_fn(ids)`` (no grad) checked to be ``[*ids.shape, d_in]`` (any width when
+    ``d_in`` is None), and the training mask of ``segs``; returns ``(acts[mask], mask)`` with the rows in stream
+    order. The one definition of "run the model on a chunk and keep the training positions" (live store and cache
+    builder); a wrong shape raises ``error`` (default :class:`ActivationSourceError`) naming the fix."""
+    with torch.no_grad():
+        acts = activation_fn(ids)
+    width = acts.shape[-1] if d_in is None else d_in
+    if acts.dim() != 3 or tuple(acts.shape[:2]) != tuple(ids.shape) or acts.shape[-1] != width:
+        raise (error or ActivationSourceError)(
+            f"activation_fn returned shape {tuple(acts.shape)} for input_ids {tuple(ids.shape)}; expected "
+            f"{(*ids.shape, width)} (d_in={width}). Check the hook and d_in.")
+    mask = training_mask(segs, exclude_special)
+    return acts[mask.to(acts.device)], mask
 
 
 class ShuffleBufferSource:
@@ -267,7 +285,7 @@ class ActivationStore(ShuffleBufferSource):
                 f"freshly created store (before reading any batch).")
         if cursor == self._cursor:
             return
-        if self._it is None and hasattr(self.token_stream, "skip"):
+        if self._it is None and isinstance(self.token_stream, SkippableStream):
             self.token_stream.skip(cursor - self._cursor)
         else:
             it = self._iterator()
@@ -279,37 +297,17 @@ class ActivationStore(ShuffleBufferSource):
                                           f"the checkpoint was trained on.") from None
         self._cursor = cursor
 
-    def _read_chunk(self) -> Optional[tuple[torch.Tensor, torch.Tensor]]:
-        it = self._iterator()
-        ids, segs = [], []
-        for _ in range(self.model_batch_size):
-            try:
-                item = next(it)
-            except StopIteration:
-                break
-            ids.append(torch.as_tensor(item[0], dtype=torch.long))
-            segs.append(torch.as_tensor(item[1]))
-        self._cursor += len(ids)
-        if not ids:
-            return None
-        return torch.stack(ids), torch.stack(segs)
-
     def _read_refill(self) -> torch.Tensor:
         kept: list[torch.Tensor] = []
         n_kept = 0
         while n_kept < self.buffer_tokens:
-            chunk = self._read_chunk()
+            chunk = read_sequences(self._iterator(), self.model_batch_size)
             if chunk is None:
                 break
-            ids, segs = chunk
-            with torch.no_grad():
-                acts = self.activation_fn(ids)
-            if acts.dim() != 3 or tuple(acts.shape[:2]) != tuple(ids.shape) or acts.shape[-1] != self.d_in:
-                raise ActivationSourceError(
-                    f"activation_fn returned shape {tuple(acts.shape)} for input_ids {tuple(ids.shape)}; expected "
-                    f"{(*ids.shape, self.d_in)} (d_in={self.d_in}). Check the hook and d_in.")
-            mask = training_mask(segs, self.exclude_special).to(acts.device)
-            sel = acts[mask].to(self.device, torch.float32)
+            self._cursor += chunk[0].shape[0]
+            acts, _ = kept_activations(self.activation_fn, *chunk, d_in=self.d_in,
+                                       exclude_special=self.exclude_special)
+            sel = acts.to(self.device, torch.float32)
             kept.append(sel)
             n_kept += sel.shape[0]
         if not kept:

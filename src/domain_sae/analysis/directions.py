@@ -60,7 +60,7 @@ def diff_of_means(acts_a: Tensor, acts_b: Tensor) -> Tensor:
 
 
 def _sae_param_dtype(sae: Any) -> torch.dtype:
-    return getattr(sae, "W_dec").dtype
+    return sae.W_dec.dtype
 
 
 @torch.no_grad()

@@ -19,6 +19,7 @@ from typing import Any, NamedTuple, Optional, Sequence
 
 import numpy as np
 import torch
+from scipy.optimize import linear_sum_assignment
 from torch import Tensor
 
 from .errors import AnalysisError
@@ -28,7 +29,7 @@ EPS = 1e-8
 
 def decoder_matrix(sae_or_w: Any) -> Tensor:
     """``W_dec [d_sae, d_in]`` of an SAE (anything with a ``W_dec`` attribute) or the tensor itself, detached."""
-    w = getattr(sae_or_w, "W_dec", sae_or_w)
+    w = sae_or_w if isinstance(sae_or_w, Tensor) else sae_or_w.W_dec
     if not isinstance(w, Tensor):
         raise AnalysisError(f"expected an SAE with a W_dec tensor or a [d_sae, d_in] tensor, got {type(sae_or_w)!r}")
     if w.ndim != 2:
@@ -96,7 +97,6 @@ def hungarian_match(W_dec_a: Any, W_dec_b: Any) -> Matching:
     are allowed: every latent of the smaller one is matched. Cost: C is held as float64 (d_a * d_b * 8 bytes: 2.7 GB
     for 18432 x 18432) and the solver is O(n^3), minutes at that size; seconds for a few thousand latents.
     """
-    from scipy.optimize import linear_sum_assignment
 
     c = cosine_matrix(W_dec_a, W_dec_b).cpu().to(torch.float64).numpy()
     if c.size == 0:

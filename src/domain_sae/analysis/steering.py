@@ -8,7 +8,8 @@ A patch is a function ``a -> a'`` on the hook's activation ``a [B, T, d_in]``, a
 
 ``s = 0`` is the identity in both modes. Effects are measured as generations (greedy, deterministic) and as the
 change in mean next-token cross-entropy (nats) on held-out text, counting the same targets as the evaluation
-(source not PAD, target neither PAD (-1) nor SPECIAL (0)). The baselines are the difference-of-means direction
+(source not PAD, target neither PAD (-1) nor SPECIAL (0): :func:`domain_sae.evaluation.lm_positions`), with the
+log-softmax in float64 as in the evaluation. The baselines are the difference-of-means direction
 and ``random_direction_like`` (a random direction of equal norm).
 """
 
@@ -19,29 +20,12 @@ from typing import Any, Callable, Optional, Sequence
 import torch
 from torch import Tensor
 
-from domain_sae.data.segments import PAD, SPECIAL
-
+from ..data.segments import PAD
+from ..evaluation import lm_positions
+from ..models import as_hook, as_module, forward_with_patch, tokenizer_of
 from .errors import AnalysisError
 
 PatchFn = Callable[[Tensor], Tensor]
-
-
-def _model(lm: Any) -> torch.nn.Module:
-    """The torch module of a ``LoadedModel`` (``lm.model``) or the module itself (an HF causal LM has its own
-    ``.model`` attribute, the headless body, so modules are recognised first)."""
-    if isinstance(lm, torch.nn.Module):
-        return lm
-    model = getattr(lm, "model", None)
-    if not isinstance(model, torch.nn.Module):
-        raise AnalysisError(f"expected a LoadedModel or a torch causal LM, got {type(lm)!r}")
-    return model
-
-
-def _hook(model: torch.nn.Module, hook: Any) -> Any:
-    if isinstance(hook, str):
-        from domain_sae.models.hooks import resolve_hook
-        return resolve_hook(model, hook)
-    return hook
 
 
 def _forward(model: torch.nn.Module, hook: Any, input_ids: Tensor, patch_fn: Optional[PatchFn],
@@ -50,7 +34,6 @@ def _forward(model: torch.nn.Module, hook: Any, input_ids: Tensor, patch_fn: Opt
     if patch_fn is None:
         with torch.no_grad():
             return model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).logits
-    from domain_sae.models.hooks import forward_with_patch
     with torch.no_grad():
         return forward_with_patch(model, hook, input_ids, patch_fn, attention_mask=attention_mask)
 
@@ -135,10 +118,9 @@ def generate_with_patch(lm: Any, hook: Any, prompt_ids: Any, patch_fn: Optional[
     early at the tokenizer's EOS when ``stop_at_eos``. Returns the decoded new text (special tokens skipped), or the
     new token ids ``[n_new]`` with ``return_ids=True`` (no tokenizer needed then).
     """
-    model = _model(lm)
-    tok = tokenizer if tokenizer is not None else (None if isinstance(lm, torch.nn.Module)
-                                                   else getattr(lm, "tokenizer", None))
-    hook = _hook(model, hook)
+    model = as_module(lm)
+    tok = tokenizer if tokenizer is not None else tokenizer_of(lm)
+    hook = as_hook(model, hook)
     device = next(model.parameters()).device
     ids = _as_prompt_ids(prompt_ids, tok).to(device)
     eos = getattr(tok, "eos_token_id", None) if stop_at_eos else None
@@ -169,8 +151,8 @@ def next_token_ce(lm: Any, hook: Any, input_ids: Tensor, segments: Tensor, patch
 
     ``CE = -(1/N) sum log softmax(logits[b, t])[input_ids[b, t+1]]`` over the pairs (t, t+1) counted by the
     evaluation's rule: ``segments[t] != PAD`` and ``segments[t+1]`` neither PAD (-1) nor SPECIAL (0) (BOS may
-    predict the first token; nothing predicts a special token). PAD positions are masked out of attention. Sums in
-    float64.
+    predict the first token; nothing predicts a special token; :func:`domain_sae.evaluation.lm_positions`). PAD
+    positions are masked out of attention. Log-softmax and sums in float64, as in the evaluation.
     """
     ids = torch.as_tensor(input_ids, dtype=torch.long)
     segs = torch.as_tensor(segments)
@@ -180,21 +162,21 @@ def next_token_ce(lm: Any, hook: Any, input_ids: Tensor, segments: Tensor, patch
         raise AnalysisError(f"input_ids {tuple(ids.shape)} and segments {tuple(segs.shape)} must both be [N, T]")
     if ids.shape[1] < 2:
         raise AnalysisError("sequences need at least 2 tokens to have a next-token target")
-    model = _model(lm)
-    hook = _hook(model, hook)
+    model = as_module(lm)
+    hook = as_hook(model, hook)
     device = next(model.parameters()).device
     total, count = 0.0, 0
     for i in range(0, ids.shape[0], batch_size):
         x, s = ids[i:i + batch_size], segs[i:i + batch_size]
         mask = s != PAD
         attn = mask.long().to(device) if not bool(mask.all()) else None
-        logits = _forward(model, hook, x.to(device), patch_fn, attn)[:, :-1].to(torch.float32)
-        counted = ((s[:, :-1] != PAD) & (s[:, 1:] != PAD) & (s[:, 1:] != SPECIAL)).to(device)
+        logits = _forward(model, hook, x.to(device), patch_fn, attn)[:, :-1]
+        counted = lm_positions(s).to(device)
         if not bool(counted.any()):
             continue
-        logp = torch.log_softmax(logits[counted], dim=-1)
+        logp = torch.log_softmax(logits[counted].to(torch.float64), dim=-1)  # as the evaluation: float64
         tgt = x[:, 1:].to(device)[counted]
-        total += float(-logp.gather(1, tgt[:, None]).to(torch.float64).sum())
+        total += float(-logp.gather(1, tgt[:, None]).sum())
         count += int(counted.sum())
     if count == 0:
         raise AnalysisError("no countable next-token targets: every target is PAD or SPECIAL; pass held-out text "

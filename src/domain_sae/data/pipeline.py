@@ -23,13 +23,14 @@ from typing import Iterator, Optional
 
 import torch
 
+from ..hf import max_context
 from .formatting import bos_token_id, tokenize_documents
 from .packing import pack
 from .sampling import HeldoutSample, sample_windows
 from .sources import DataError, Document, DocumentSource, open_source
 from .splits import Deduplicator, document_digest, score_of_digest
 
-__all__ = ["TokenStream", "heldout_batch", "check_context_size", "model_max_positions", "SPLITS"]
+__all__ = ["TokenStream", "heldout_batch", "check_context_size", "SPLITS"]
 
 SPLITS = ("train", "heldout")
 _MAX_TOKENIZE_BATCH = 64
@@ -172,22 +173,9 @@ def heldout_batch(cfg, tokenizer, n_tokens: int, *, source: Optional[DocumentSou
                           max_documents=cfg.heldout_max_documents)
 
 
-def model_max_positions(model) -> Optional[int]:
-    """The longest input the model accepts: ``config.max_position_embeddings`` or ``config.n_positions``
-    (``model`` may also be a LoadedModel, whose ``.model`` is used); None when unknown."""
-    config = getattr(model, "config", None)
-    if config is None and hasattr(model, "model"):
-        config = getattr(model.model, "config", None)
-    for attr in ("max_position_embeddings", "n_positions"):
-        value = getattr(config, attr, None)
-        if isinstance(value, int) and value > 0:
-            return value
-    return None
-
-
 def check_context_size(cfg, model) -> None:
     """:class:`DataError` when ``cfg.context_size`` exceeds the model's maximum number of positions."""
-    limit = model_max_positions(model)
+    limit = max_context(model)
     if limit is not None and cfg.context_size > limit:
         raise DataError(f"context_size {cfg.context_size} is larger than the model's maximum of {limit} positions; "
                         f"set --context-size {limit} or less.")

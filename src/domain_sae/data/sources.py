@@ -45,21 +45,21 @@ import importlib.util
 import json
 import numbers
 import os
-import socket
 import sys
 import sysconfig
-import threading
 import tokenize
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator, Optional
-from urllib.parse import urlparse
+
+from ..errors import UserError
+from ..hf import hub_offline_reason as _hub_offline_reason
 
 __all__ = ["DataError", "Document", "DocumentSource", "open_source", "detect_column", "normalize_messages",
            "value_to_document", "BUILTIN_SOURCES", "TEXT_COLUMNS", "CHAT_COLUMNS", "IDS_COLUMNS"]
 
 
-class DataError(ValueError):
+class DataError(UserError, ValueError):
     """A dataset cannot be used as asked (missing column, empty data, unreadable file, hub unreachable); the
     message names the problem and the fix."""
 
@@ -198,7 +198,8 @@ def detect_column(columns: Iterable[str], column: Optional[str], where: str) -> 
     cols = list(columns)
     if column is not None:
         if column not in cols:
-            raise DataError(f"Column {column!r} is not in {where}; columns found: {', '.join(map(repr, cols)) or 'none'}."
+            found = ", ".join(map(repr, cols)) or "none"
+            raise DataError(f"Column {column!r} is not in {where}; columns found: {found}."
                             f" Pass one of them with --data-column.")
         return column
     for c in TEXT_COLUMNS + CHAT_COLUMNS + IDS_COLUMNS:
@@ -443,36 +444,10 @@ def _looks_like_path(spec: str) -> bool:
 # ----------------------------------------------------------------------------------------------------------------
 # Hugging Face hub
 
-def _truthy_env(name: str) -> bool:
-    return os.environ.get(name, "").strip().upper() in ("1", "ON", "YES", "TRUE")
-
-
 def hub_offline_reason(timeout_s: float = _HUB_CHECK_TIMEOUT_S) -> Optional[str]:
-    """Why the hub cannot be used right now (None when it can): an offline environment variable, or the hub host
-    (``HF_ENDPOINT``, default huggingface.co) not accepting a TCP connection within ``timeout_s``. The check runs
-    in a daemon thread, so a stuck DNS lookup cannot hang the caller."""
-    for var in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE"):
-        if _truthy_env(var):
-            return f"{var}={os.environ[var]} is set"
-    url = urlparse(os.environ.get("HF_ENDPOINT") or "https://huggingface.co")
-    host = url.hostname or "huggingface.co"
-    port = url.port or (80 if url.scheme == "http" else 443)
-    result: dict[str, Any] = {}
-
-    def probe():
-        try:
-            socket.create_connection((host, port), timeout=timeout_s).close()
-            result["ok"] = True
-        except OSError as e:
-            result["error"] = e
-
-    t = threading.Thread(target=probe, daemon=True)
-    t.start()
-    t.join(timeout_s + 0.5)
-    if result.get("ok"):
-        return None
-    err = result.get("error")
-    return f"the hub host {host}:{port} is unreachable ({err or f'no answer within {timeout_s:.0f} s'})"
+    """Why the hub cannot be used for datasets now (None when it can): :func:`domain_sae.hf.hub_offline_reason`
+    with ``HF_DATASETS_OFFLINE`` as an offline variable too."""
+    return _hub_offline_reason(timeout_s, ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE"))
 
 
 def _hub_source(spec: str, split: str, column: Optional[str], streaming: bool) -> DocumentSource:

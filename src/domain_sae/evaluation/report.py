@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any, Iterable, Optional, Sequence
 
 from ..markdown import escape_markdown, markdown_cell
+from ..jsonsafe import jsonable
 
 __all__ = ["jsonable", "write_json", "fmt", "markdown_table", "eval_markdown", "plot_heatmap",
            "plot_density_histograms", "fmt_se", "LM_COLUMNS", "RECONSTRUCTION_COLUMNS", "MEAN_ABLATION_COLUMNS",
@@ -68,25 +69,6 @@ SEGMENT_COLUMNS = [
 
 # ----------------------------------------------------------------------------------------------------------------
 # JSON
-
-def jsonable(obj: Any) -> Any:
-    """A JSON-safe copy: tensors/arrays to lists, non-finite floats to None, Paths to str, tuples to lists."""
-    if isinstance(obj, dict):
-        return {str(k): jsonable(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [jsonable(v) for v in obj]
-    if isinstance(obj, bool) or obj is None or isinstance(obj, str):
-        return obj
-    if isinstance(obj, int):
-        return obj
-    if isinstance(obj, float):
-        return obj if math.isfinite(obj) else None
-    if isinstance(obj, Path):
-        return str(obj)
-    if hasattr(obj, "tolist"):  # torch tensors, numpy arrays and scalars
-        return jsonable(obj.tolist())
-    return str(obj)
-
 
 def write_json(path: str | Path, data: Any) -> Path:
     path = Path(path)

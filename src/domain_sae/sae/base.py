@@ -26,6 +26,7 @@ from typing import Optional, Protocol, Union, runtime_checkable
 import torch
 from torch import nn
 
+from ..models.names import same_model_name
 from . import format as fmt
 from .model_config import SAECompatibilityError, SAEModelConfig, dtype_from_str, dtype_to_str
 from .sparse import SparseLatents, sparse_decode
@@ -288,15 +289,6 @@ class BaseSAE(nn.Module, ABC):
         return sae.to(device) if device is not None else sae
 
 
-def _same_model(a: str, b: str) -> bool:
-    """Model names match when equal, or when one is a path/hub id ending in the other's last component."""
-    na, nb = str(a).rstrip("/\\").lower(), str(b).rstrip("/\\").lower()
-    if na == nb:
-        return True
-    ta, tb = na.replace("\\", "/").split("/")[-1], nb.replace("\\", "/").split("/")[-1]
-    return ta == tb and bool(ta)
-
-
 def check_compatible(sae: SAE, *, d_in: int, model_name: Optional[str] = None,
                      hook_name: Optional[str] = None) -> None:
     """Raise :class:`SAECompatibilityError` when ``sae`` cannot be used at a hook of width ``d_in`` (or, when both
@@ -310,7 +302,7 @@ def check_compatible(sae: SAE, *, d_in: int, model_name: Optional[str] = None,
             f"SAE d_in={sae_d_in} does not match the hook's activation width d_in={int(d_in)}{where}. "
             f"Use the model and hook the SAE was trained on, or train a new SAE for this hook.")
     sae_model, sae_hook = meta.get("model_name"), meta.get("hook_name")
-    if model_name and sae_model and not _same_model(sae_model, model_name):
+    if model_name and sae_model and not same_model_name(sae_model, model_name):
         raise SAECompatibilityError(
             f"SAE was trained on model {sae_model!r} but is used with model {model_name!r}. Use --model "
             f"{sae_model} (or an SAE trained on {model_name}).")

@@ -11,11 +11,9 @@ from __future__ import annotations
 import json
 import os
 import re
-import socket
 import warnings
 from pathlib import Path
 from typing import Any, Optional, Union
-from urllib.parse import urlparse
 
 from ..errors import UserError
 from .base import BaseSAE
@@ -23,6 +21,7 @@ from .format import (CFG_FILE, REQUIRED_TENSORS, SAELENS_SCALER_FILE, SPARSITY_F
                      cfg_to_dict, json_default, load_sparsity, maybe_fold_known_scale, normalize_cfg_dict,
                      prepare_state, read_cfg, read_safetensors, save_sae)
 from .model_config import SAEModelConfig, dtype_from_str, dtype_to_str
+from ..hf import hub_reachable as _hub_reachable
 from .registry import UnsupportedArchitectureError, get_sae_class
 
 __all__ = ["load_sae", "load_sae_dir", "from_saelens", "save_sae", "read_cfg", "load_sparsity", "cfg_to_dict",
@@ -74,19 +73,6 @@ def _looks_like_path(s: str) -> bool:
     """True for strings that can only be a filesystem path (not a SAELens ``RELEASE/SAE_ID``)."""
     return (s.startswith((".", "/", "~", "\\")) or (os.sep != "/" and os.sep in s)
             or bool(re.match(r"^[A-Za-z]:", s)) or s.endswith((".json", ".safetensors")))
-
-
-def _hub_reachable(timeout: float = 3.0) -> bool:
-    """False when HF_HUB_OFFLINE is set or the hub endpoint does not accept a TCP connection within ``timeout``."""
-    if str(os.environ.get("HF_HUB_OFFLINE", "")).lower() in ("1", "true", "yes", "on"):
-        return False
-    url = urlparse(os.environ.get("HF_ENDPOINT", "https://huggingface.co"))
-    host, port = url.hostname or "huggingface.co", url.port or (443 if url.scheme != "http" else 80)
-    try:
-        with socket.create_connection((host, port), timeout=timeout):
-            return True
-    except OSError:
-        return False
 
 
 def from_saelens(sae_lens_sae: Any, *, source: Optional[str] = None) -> BaseSAE:

@@ -7,7 +7,6 @@ after ``step`` optimizer steps) and ``close()``. ``step`` is the number of optim
 from __future__ import annotations
 
 import json
-import math
 import os
 import sys
 import time
@@ -15,6 +14,7 @@ from pathlib import Path
 from typing import Any, Iterable, Optional
 
 from ..errors import UserError
+from ..jsonsafe import jsonable
 
 __all__ = ["Logger", "JSONLLogger", "ConsoleProgress", "WandbLogger", "MultiLogger", "WandbNotInstalledError",
            "read_jsonl", "default_loggers", "METRICS_FILE"]
@@ -37,14 +37,6 @@ class Logger:
 
     def close(self) -> None:
         pass
-
-
-def _jsonable(v: Any) -> Any:
-    if hasattr(v, "item"):
-        v = v.item()
-    if isinstance(v, float) and not math.isfinite(v):
-        return None if math.isnan(v) else (1e308 if v > 0 else -1e308)
-    return v
 
 
 def read_jsonl(path: str | Path) -> list[dict]:
@@ -79,7 +71,7 @@ class JSONLLogger(Logger):
         return self._f
 
     def log(self, step: int, metrics: dict[str, Any]) -> None:
-        rec = {"step": int(step), **{k: _jsonable(v) for k, v in metrics.items()}}
+        rec = {"step": int(step), **{k: jsonable(v, clamp_inf=True) for k, v in metrics.items()}}
         f = self._file()
         f.write(json.dumps(rec) + "\n")
         f.flush()
@@ -187,7 +179,7 @@ class WandbLogger(Logger):
                                dir=str(dir) if dir else None, id=run_id, resume="allow" if run_id else None)
 
     def log(self, step: int, metrics: dict[str, Any]) -> None:
-        self._run.log({k: _jsonable(v) for k, v in metrics.items()}, step=int(step))
+        self._run.log({k: jsonable(v, clamp_inf=True) for k, v in metrics.items()}, step=int(step))
 
     def close(self) -> None:
         self._run.finish()

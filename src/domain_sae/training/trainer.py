@@ -76,7 +76,8 @@ def batch_metrics(x: torch.Tensor, x_hat: torch.Tensor, f: torch.Tensor) -> dict
     :class:`~domain_sae.evaluation.metrics.ReconstructionAccumulator` that ``dsae eval`` uses:
 
     EV = 1 - sum_t ||x_t - x_hat_t||^2 / sum_t ||x_t - mean(x)||^2;
-    EV_std = population std over tokens of 1 - ||x_t - x_hat_t||^2 / ||x_t - mean(x)||^2;  L0 = mean_t #{i : f_t,i > 0}."""
+    EV_std = population std over tokens of 1 - ||x_t - x_hat_t||^2 / ||x_t - mean(x)||^2;
+    L0 = mean_t #{i : f_t,i > 0}."""
     acc = ReconstructionAccumulator(x.shape[-1], f.shape[-1])
     acc.update(x, x_hat, f)
     m = acc.compute()
