@@ -68,7 +68,8 @@ class SparseLatents:
 
 
 def _offsets(rows: torch.Tensor, n_tokens: int) -> torch.Tensor:
-    counts = torch.bincount(rows, minlength=n_tokens)
+    """Start of each token's entries (rows sorted); index_add_ rather than bincount: no device sync."""
+    counts = torch.zeros(n_tokens, dtype=torch.long, device=rows.device).index_add_(0, rows, torch.ones_like(rows))
     return torch.cumsum(counts, 0) - counts
 
 

@@ -95,9 +95,9 @@ class TopKFamilySAE(BaseSAE):
             top = cand.topk(k_aux, dim=-1, sorted=False)
         lat = from_topk(top.indices, top.values, self.d_sae)
         keep = torch.isfinite(lat.vals)  # a stale n_dead may exceed the latents that are dead now
-        if self.kernel_mode != "dense":
-            lat = lat.select(keep) if not bool(keep.all()) else lat
-            recons = sparse_decode(lat.with_vals(gather_pre(lat, xc, self.W_enc, self.b_enc, z)), self.W_dec)
+        if self.kernel_mode != "dense":  # (entries not kept get weight 0: no data-dependent shapes, no sync)
+            vals = gather_pre(lat, xc, self.W_enc, self.b_enc, z) * keep
+            recons = sparse_decode(lat.with_vals(vals), self.W_dec)
         else:
             acts = torch.zeros_like(z).index_put((lat.rows[keep], lat.cols[keep]), z[lat.rows[keep], lat.cols[keep]])
             recons = acts @ self.W_dec
