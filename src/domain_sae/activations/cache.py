@@ -30,7 +30,6 @@ from ..outdirs import check_output_dir, write_marker
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from ..atomic import atomic_directory
 from .store import (ActivationSourceError, ShuffleBufferSource, StoreStateError, kept_activations, read_sequences,
                     training_mask)
 

@@ -119,7 +119,8 @@ def _intro(summary: dict) -> list[str]:
     bars = summary.get("error_bars", {})
     splice = summary.get("splice", "training_mask")
     return [
-        f"Model: {markdown_cell(model.get('name'))} ({markdown_cell(model.get('family', '?'))}). Evaluated on each dataset's held-out split, "
+        f"Model: {markdown_cell(model.get('name'))} ({markdown_cell(model.get('family', '?'))}). "
+        f"Evaluated on each dataset's held-out split, "
         f"restricted to documents held out for every SAE (hash < holdout_fraction = "
         f"{fmt(held.get('holdout_fraction'), '{:g}')}), deduplicated, sampled as windows of "
         f"{fmt(held.get('context_size'), '{:.0f}')} tokens from many documents (see the datasets table).", "",
@@ -167,7 +168,8 @@ def eval_markdown(summary: dict) -> str:
         _dataset_rows(summary)), ""]
     out += ["## SAEs", "", markdown_table(
         ["SAE", "path", "hook", "d_in", "d_sae", "trained on", "splice"],
-        [[markdown_cell(label), markdown_cell(s.get('path')), markdown_cell(s.get('hook')), fmt(s.get("d_in"), "{:.0f}"),
+        [[markdown_cell(label), markdown_cell(s.get('path')), markdown_cell(s.get('hook')),
+          fmt(s.get("d_in"), "{:.0f}"),
           fmt(s.get("d_sae"), "{:.0f}"), markdown_cell(s.get('trained_on')), s.get("splice", "")]
          for label, s in summary.get("saes", {}).items()]), ""]
 
@@ -190,10 +192,12 @@ def eval_markdown(summary: dict) -> str:
             if len(segs) < 2:
                 continue
             for name, block in segs.items():
-                seg_rows.append([markdown_cell(r['sae']), markdown_cell(name)] + _cells(block, (r.get("errors") or {}).get(name, {}),
+                seg_rows.append([markdown_cell(r['sae']), markdown_cell(name)]
+                                + _cells(block, (r.get("errors") or {}).get(name, {}),
                                                                  SEGMENT_COLUMNS))
         if seg_rows:
-            out += [f"## Per segment: {escape_markdown(ds)}", "", "CE/KL positions belong to the segment of the predicted (target) "
+            out += [f"## Per segment: {escape_markdown(ds)}", "",
+                    "CE/KL positions belong to the segment of the predicted (target) "
                     "token; reconstruction positions to the segment of their own token; `all_tokens` = content and "
                     "template together.", "", markdown_table(["SAE", "segment"] + [h for _, h, _ in SEGMENT_COLUMNS],
                                                              seg_rows), ""]

@@ -21,7 +21,6 @@ import functools
 import importlib.util
 import os
 import pickle
-import socket
 import warnings
 from contextlib import contextmanager
 from dataclasses import dataclass
