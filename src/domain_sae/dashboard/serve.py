@@ -26,3 +26,37 @@ def serve(store: str | Path, *, host: str = "127.0.0.1", port: int = 8000, devic
 def export(store: str | Path, out_dir: str | Path, max_latents: Optional[int] = None) -> Path:
     from .export import export_site
     return export_site(store, out_dir, max_latents=max_latents)
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    import socket
+    with socket.socket() as s:
+        s.bind((host, 0))
+        return int(s.getsockname()[1])
+
+
+class BackgroundServer:
+    """Serve an app from a thread (tests, benchmarks, screenshots): ``with BackgroundServer(app) as url: ...``."""
+
+    def __init__(self, app, host: str = "127.0.0.1", port: Optional[int] = None):
+        import uvicorn
+        self.host, self.port = host, port or free_port(host)
+        self.server = uvicorn.Server(uvicorn.Config(app, host=host, port=self.port, log_level="error"))
+        self.thread = None
+
+    def __enter__(self) -> str:
+        import threading
+        import time
+        self.thread = threading.Thread(target=self.server.run, daemon=True)
+        self.thread.start()
+        t0 = time.time()
+        while not self.server.started:
+            if time.time() - t0 > 30 or not self.thread.is_alive():
+                raise RuntimeError("the dashboard server did not start")
+            time.sleep(0.05)
+        return f"http://{self.host}:{self.port}"
+
+    def __exit__(self, *exc) -> None:
+        self.server.should_exit = True
+        if self.thread is not None:
+            self.thread.join(timeout=10)
