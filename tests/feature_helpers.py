@@ -15,8 +15,8 @@ TEXTS_A = [
     "We went to the market and bought apples, pears and a small cake for the party.",
 ]
 TEXTS_B = [
-    "def add(a, b):\n    \"\"\"Return a + b.\"\"\"\n    return a + b\n\n\nclass Box:\n    def __init__(self):\n"
-    "        self.items = []\n",
+    ("def add(a, b):\n    \"\"\"Return a + b.\"\"\"\n    return a + b\n\n\nclass Box:\n    def __init__(self):\n"
+     "        self.items = []\n"),
     "for i in range(10):\n\tif i % 2 == 0:\n\t\tprint(i)\n# comment with <b>html</b> & entities\n",
     "import os\nimport sys\n\ndef main(argv):\n    return len(argv)\n\nif __name__ == '__main__':\n    main(sys.argv)\n",
 ]

@@ -12,21 +12,22 @@ import torch.nn.functional as F
 
 pytest.importorskip("fastapi")
 pytest.importorskip("httpx")
-from fastapi.testclient import TestClient  # noqa: E402
+from fastapi.testclient import TestClient
+from feature_helpers import HOOK, PLANTED, finetuned_copy, heldout_sets, make_sae
 
-from domain_sae.dashboard.app import create_app  # noqa: E402
-from domain_sae.dashboard.export import export_site  # noqa: E402
-from domain_sae.dashboard.pages import embed_json  # noqa: E402
-from domain_sae.features.build import build_feature_store  # noqa: E402
-from domain_sae.features.options import FeatureOptions  # noqa: E402
-from domain_sae.features.store import FeatureStore  # noqa: E402
-from domain_sae.models.hooks import forward_with_patch, resolve_hook  # noqa: E402
-from feature_helpers import HOOK, PLANTED, finetuned_copy, heldout_sets, make_sae  # noqa: E402
+from domain_sae.dashboard.app import create_app
+from domain_sae.dashboard.export import export_site
+from domain_sae.dashboard.pages import embed_json
+from domain_sae.features.build import build_feature_store
+from domain_sae.features.options import FeatureOptions
+from domain_sae.features.store import FeatureStore
+from domain_sae.models.hooks import forward_with_patch, resolve_hook
 
 
 @pytest.fixture(scope="module")
 def env(smol_tokenizer, tmp_path_factory):
     from conftest import make_tiny_model
+
     from domain_sae.models.load import LoadedModel
     lm = LoadedModel(make_tiny_model("llama"), smol_tokenizer, "tiny-llama", "in-process", "llama")
     tmp = tmp_path_factory.mktemp("dash")
@@ -111,7 +112,7 @@ def test_prompt_ablation_job_equals_manual_ablation(env):
     checked = 0
     for t, entries in enumerate(j["ablation"][:-1]):
         for e in entries[:1]:
-            patched = forward_with_patch(lm.model, hp, ids, lambda a: a - f[:, e["latent"], None][None] *
+            patched = forward_with_patch(lm.model, hp, ids, lambda a, e=e: a - f[:, e["latent"], None][None] *
                                          sae.W_dec[e["latent"]])
             manual = F.cross_entropy(patched[0, :-1], ids[0, 1:], reduction="none") - ce
             assert e["value"] == pytest.approx(float(manual[t]), abs=1e-5)
@@ -124,7 +125,7 @@ def test_text_from_data_is_escaped_everywhere(env):
     hits = st.list_features("general", q="<script>", per_page=500)["rows"]
     assert hits, "the planted script tag is in some latent's top contexts"
     latent = hits[0]["latent"]
-    assert "<script>" in "".join(sum((e["texts"] for e in st.feature("general", latent)["top"]), []))
+    assert "<script>" in "".join(t for e in st.feature("general", latent)["top"] for t in e["texts"])
     page = c.get(f"/feature/{latent}", params={"sae": "general"}).text
     assert "window.__pwned" not in page and "onerror" not in page
     assert "'self'" in c.get("/").headers["content-security-policy"]

@@ -20,13 +20,14 @@ if not os.path.exists(CHROMIUM):
     pytest.skip("no system Chromium at /usr/bin/chromium (make test installs it)", allow_module_level=True)
 sync_api = pytest.importorskip("playwright.sync_api")
 
-from domain_sae.dashboard.app import create_app  # noqa: E402
-from domain_sae.dashboard.export import export_site  # noqa: E402
-from domain_sae.dashboard.serve import BackgroundServer  # noqa: E402
-from domain_sae.features.build import build_feature_store  # noqa: E402
-from domain_sae.features.options import FeatureOptions  # noqa: E402
-from domain_sae.features.store import FeatureStore  # noqa: E402
-from feature_helpers import HOOK, PLANTED, finetuned_copy, heldout_sets, make_sae  # noqa: E402
+from feature_helpers import HOOK, PLANTED, finetuned_copy, heldout_sets, make_sae
+
+from domain_sae.dashboard.app import create_app
+from domain_sae.dashboard.export import export_site
+from domain_sae.dashboard.serve import BackgroundServer
+from domain_sae.features.build import build_feature_store
+from domain_sae.features.options import FeatureOptions
+from domain_sae.features.store import FeatureStore
 
 
 @pytest.fixture(scope="module")
@@ -54,6 +55,7 @@ def _never_ran(page) -> None:
 
 def test_navigation_numbers_prompt_and_planted_script(browser, smol_tokenizer, tmp_path):
     from conftest import make_tiny_model
+
     from domain_sae.models.load import LoadedModel
     lm = LoadedModel(make_tiny_model("llama"), smol_tokenizer, "tiny-llama", "in-process", "llama")
     parent = make_sae(1)

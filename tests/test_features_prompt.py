@@ -8,11 +8,18 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-
-from domain_sae.features.prompt import (MAX_PROMPT_CHARS, PromptError, ablation_effects, analyse_prompt,
-                                        quantiles, rank_ablation, tokenize_prompt)
-from domain_sae.models.hooks import forward_with_patch, resolve_hook
 from feature_helpers import HOOK, make_sae
+
+from domain_sae.features.prompt import (
+    MAX_PROMPT_CHARS,
+    PromptError,
+    ablation_effects,
+    analyse_prompt,
+    quantiles,
+    rank_ablation,
+    tokenize_prompt,
+)
+from domain_sae.models.hooks import forward_with_patch, resolve_hook
 
 
 def _table(d_sae: int, seed: int = 0) -> np.ndarray:
@@ -79,7 +86,7 @@ def test_prompt_metrics_match_independent_computation(tiny_lm):
     assert set(effects) == set(res["candidates"])
     for latent in res["candidates"][:3]:
         d = sae.W_dec[latent]
-        patched = forward_with_patch(model, hp, x, lambda a: a - f[:, latent, None][None] * d)
+        patched = forward_with_patch(model, hp, x, lambda a, latent=latent, d=d: a - f[:, latent, None][None] * d)
         manual = F.cross_entropy(patched[0, :-1], x[0, 1:], reduction="none") - ce
         assert torch.allclose(effects[latent], manual, atol=1e-5)
     ranked = rank_ablation(effects, state, top_n=3)

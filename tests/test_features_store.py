@@ -9,6 +9,7 @@ import sqlite3
 import numpy as np
 import pytest
 import torch
+from feature_helpers import HOOK, finetuned_copy, heldout_sets, make_sae
 from scipy.optimize import linear_sum_assignment
 
 from domain_sae.errors import UserError
@@ -18,15 +19,15 @@ from domain_sae.features.options import FeatureOptions
 from domain_sae.features.schema import StoreError, open_store
 from domain_sae.features.store import FeatureStore, NotFound
 from domain_sae.models.hooks import capture, resolve_hook
-from feature_helpers import HOOK, finetuned_copy, heldout_sets, make_sae
 
-OPTS = dict(top_k=5, top_k_per_dataset=3, window_before=3, window_after=2, n_intervals=4, per_interval=2,
-            reservoir=512, candidates_factor=40, n_logits=5, n_neighbours=4)
+OPTS = {"top_k": 5, "top_k_per_dataset": 3, "window_before": 3, "window_after": 2, "n_intervals": 4,
+        "per_interval": 2, "reservoir": 512, "candidates_factor": 40, "n_logits": 5, "n_neighbours": 4}
 
 
 @pytest.fixture(scope="module")
 def module_lm(smol_tokenizer):
     from conftest import make_tiny_model
+
     from domain_sae.models.load import LoadedModel
     return LoadedModel(model=make_tiny_model("llama"), tokenizer=smol_tokenizer, name="tiny-llama",
                        source="in-process", family="llama")

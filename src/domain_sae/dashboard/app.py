@@ -10,13 +10,20 @@ requests answer 400 with ``{"error": ...}``.
 from __future__ import annotations
 
 import threading
+from collections.abc import Callable, Mapping
 from pathlib import Path
-from typing import Any, Callable, Mapping, Optional
+from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.responses import HTMLResponse, JSONResponse, Response
 
-from ..features.prompt import PromptError, ablation_effects, analyse_prompt, rank_ablation, tokenize_prompt
+from ..features.prompt import (
+    PromptError,
+    ablation_effects,
+    analyse_prompt,
+    rank_ablation,
+    tokenize_prompt,
+)
 from ..features.schema import StoreError
 from ..features.store import FeatureStore, NotFound
 from .jobs import JobRunner
@@ -28,8 +35,8 @@ MEDIA = {"app.js": "text/javascript; charset=utf-8", "style.css": "text/css; cha
 class _Models:
     """The language model and the SAEs for the prompt page, loaded on first use (or given)."""
 
-    def __init__(self, store: FeatureStore, lm: Any, saes: Optional[Mapping[str, Any]], device: str,
-                 load_lm: Optional[Callable[[], Any]]):
+    def __init__(self, store: FeatureStore, lm: Any, saes: Mapping[str, Any] | None, device: str,
+                 load_lm: Callable[[], Any] | None):
         self.store, self.lm, self.saes, self.device = store, lm, dict(saes or {}), device
         self.load_lm = load_lm
         self.tables: dict[str, Any] = {}
@@ -49,7 +56,7 @@ class _Models:
         return self.lm, self.saes[sae_label], self.tables[sae_label]
 
 
-def create_app(store_path: str | Path, *, lm: Any = None, saes: Optional[Mapping[str, Any]] = None,
+def create_app(store_path: str | Path, *, lm: Any = None, saes: Mapping[str, Any] | None = None,
                device: str = "cpu", load_model: bool = True, top_n: int = 8, ablation_batch: int = 16) -> FastAPI:
     """The app over the store at ``store_path``. ``lm``/``saes`` (label -> SAE) reuse loaded objects; otherwise
     the store's model and SAE paths are loaded on the first prompt (never when ``load_model`` is false)."""
@@ -99,7 +106,7 @@ def create_app(store_path: str | Path, *, lm: Any = None, saes: Optional[Mapping
         return render_page("list")
 
     @app.get("/feature/{latent}", response_class=HTMLResponse)
-    def feature_page(latent: str, sae: Optional[str] = None):
+    def feature_page(latent: str, sae: str | None = None):
         s = store.sae(sae)
         if not latent.isdigit():
             raise NotFound(f"{latent!r} is not a latent index; use /feature/<number>.")
@@ -107,11 +114,11 @@ def create_app(store_path: str | Path, *, lm: Any = None, saes: Optional[Mapping
         return render_page("feature", params={"latent": latent, "sae": s["label"]}, title=f"{s['label']} #{latent}")
 
     @app.get("/prompt", response_class=HTMLResponse)
-    def prompt_page(sae: Optional[str] = None):
+    def prompt_page(sae: str | None = None):
         return render_page("prompt", params={"sae": store.sae(sae)["label"]})
 
     @app.get("/compare", response_class=HTMLResponse)
-    def compare_page(a: Optional[str] = None, b: Optional[str] = None):
+    def compare_page(a: str | None = None, b: str | None = None):
         return render_page("compare", params={"a": a or "", "b": b or ""})
 
     @app.get("/assets/{name}")
@@ -126,25 +133,25 @@ def create_app(store_path: str | Path, *, lm: Any = None, saes: Optional[Mapping
         return _clean(store.summary())
 
     @app.get("/api/features")
-    def api_features(sae: Optional[str] = None, q: str = "", sort: str = "density", order: str = "desc",
+    def api_features(sae: str | None = None, q: str = "", sort: str = "density", order: str = "desc",
                      page: int = 0, per_page: int = 50):
         return _clean(store.list_features(sae, q=q, sort=sort, order=order, page=page, per_page=per_page))
 
     @app.get("/api/feature/{latent}")
-    def api_feature(latent: str, sae: Optional[str] = None):
+    def api_feature(latent: str, sae: str | None = None):
         if not latent.isdigit():
             raise NotFound(f"{latent!r} is not a latent index.")
         return _clean(store.feature(sae, int(latent)))
 
     @app.get("/api/compare")
-    def api_compare(a: Optional[str] = None, b: Optional[str] = None, page: int = 0, per_page: int = 50):
+    def api_compare(a: str | None = None, b: str | None = None, page: int = 0, per_page: int = 50):
         return _clean(store.compare(a or None, b or None, page=page, per_page=per_page))
 
     @app.post("/api/prompt")
     async def api_prompt(request: Request):
         try:
             body = await request.json()
-        except Exception:
+        except Exception:  # noqa: BLE001 - any unreadable body is the client's error
             raise PromptError("The request body must be JSON: {\"text\": \"...\"} or {\"messages\": [...]}.") from None
         if not isinstance(body, dict):
             raise PromptError("The request body must be a JSON object.")

@@ -10,8 +10,8 @@ Pages embed their data in a non-executed JSON block (see :mod:`.pages`), so open
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable, Optional
 
 from ..features.store import FeatureStore
 from .pages import ASSETS, _clean, asset_bytes, render_page
@@ -24,8 +24,8 @@ def _write(path: Path, text: str) -> None:
     tmp.replace(path)
 
 
-def export_site(store_path: str | Path, out_dir: str | Path, *, max_latents: Optional[int] = None, pairs: int = 200,
-                write: Optional[Callable[[str], None]] = print) -> Path:
+def export_site(store_path: str | Path, out_dir: str | Path, *, max_latents: int | None = None, pairs: int = 200,
+                write: Callable[[str], None] | None = print) -> Path:
     """Write the static site for the store into ``out_dir``; ``max_latents`` limits the feature pages per SAE
     (the first N by index; default all). Returns ``out_dir``."""
     out = Path(out_dir)

@@ -6,15 +6,16 @@ from __future__ import annotations
 import threading
 import uuid
 from collections import OrderedDict
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
-from typing import Any, Callable
+from typing import Any
 
 
 class JobRunner:
     def __init__(self, lock: threading.Lock, keep: int = 32):
         self.lock = lock
         self.keep = keep
-        self.jobs: "OrderedDict[str, dict]" = OrderedDict()
+        self.jobs: OrderedDict[str, dict] = OrderedDict()
         self.pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="dsae-ablation")
         self._jobs_lock = threading.Lock()
 
@@ -36,7 +37,7 @@ class JobRunner:
                 with self.lock:
                     job["result"] = work(progress)
                 job["status"] = "done"
-            except Exception as e:  # reported to the client as JSON
+            except Exception as e:  # noqa: BLE001 - reported to the client as JSON
                 job["status"], job["error"] = "error", f"{type(e).__name__}: {e}"
         self.pool.submit(run)
         return job_id

@@ -6,8 +6,9 @@ from __future__ import annotations
 
 import html
 import json
+import math
 from importlib import resources
-from typing import Any, Optional
+from typing import Any
 
 PAGES = {"list": "Features", "feature": "Feature", "prompt": "Prompt", "compare": "Compare"}
 ASSETS = ("app.js", "style.css")
@@ -15,7 +16,7 @@ CSP = ("default-src 'self'; script-src 'self'; style-src 'self'; img-src 'self' 
        "object-src 'none'; base-uri 'none'; frame-ancestors 'none'")
 
 
-def asset_bytes(name: str) -> Optional[bytes]:
+def asset_bytes(name: str) -> bytes | None:
     """The vendored asset ``name`` (only names in :data:`ASSETS`; anything else is None)."""
     if name not in ASSETS:
         return None
@@ -31,7 +32,7 @@ def embed_json(data: Any) -> str:
 def _clean(obj: Any) -> Any:
     """NaN/inf -> None, recursively (JSON has no NaN)."""
     if isinstance(obj, float):
-        return obj if obj == obj and obj not in (float("inf"), float("-inf")) else None
+        return obj if math.isfinite(obj) else None
     if isinstance(obj, dict):
         return {k: _clean(v) for k, v in obj.items()}
     if isinstance(obj, (list, tuple)):
@@ -39,7 +40,7 @@ def _clean(obj: Any) -> Any:
     return obj
 
 
-def render_page(page: str, *, root: str = "/", mode: str = "server", params: Optional[dict] = None,
+def render_page(page: str, *, root: str = "/", mode: str = "server", params: dict | None = None,
                 data: Any = None, title: str = "") -> str:
     """One page shell. ``root``: prefix of links and assets ("/" served, a relative path in an export)."""
     attrs = {"data-page": page, "data-mode": mode, "data-root": root}

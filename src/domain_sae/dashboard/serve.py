@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import sys
 from pathlib import Path
-from typing import Optional
 
 LOCAL_HOSTS = ("127.0.0.1", "localhost", "::1")
 
@@ -23,7 +22,7 @@ def serve(store: str | Path, *, host: str = "127.0.0.1", port: int = 8000, devic
     uvicorn.run(app, host=host, port=port, log_level="warning")
 
 
-def export(store: str | Path, out_dir: str | Path, max_latents: Optional[int] = None) -> Path:
+def export(store: str | Path, out_dir: str | Path, max_latents: int | None = None) -> Path:
     from .export import export_site
     return export_site(store, out_dir, max_latents=max_latents)
 
@@ -38,7 +37,7 @@ def free_port(host: str = "127.0.0.1") -> int:
 class BackgroundServer:
     """Serve an app from a thread (tests, benchmarks, screenshots): ``with BackgroundServer(app) as url: ...``."""
 
-    def __init__(self, app, host: str = "127.0.0.1", port: Optional[int] = None):
+    def __init__(self, app, host: str = "127.0.0.1", port: int | None = None):
         import uvicorn
         self.host, self.port = host, port or free_port(host)
         self.server = uvicorn.Server(uvicorn.Config(app, host=host, port=self.port, log_level="error"))

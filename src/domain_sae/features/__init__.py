@@ -8,7 +8,7 @@
 
 from .schema import SCHEMA_VERSION, StoreError
 
-__all__ = ["SCHEMA_VERSION", "StoreError", "build_feature_store", "FeatureStore"]
+__all__ = ["SCHEMA_VERSION", "FeatureStore", "StoreError", "build_feature_store"]
 
 
 def __getattr__(name):  # lazy: importing the package stays cheap for the CLI

@@ -23,8 +23,9 @@ import sqlite3
 import sys
 import tempfile
 import time
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
-from typing import Any, Callable, Mapping, Optional, Sequence
+from typing import Any
 
 import numpy as np
 import torch
@@ -39,13 +40,13 @@ from .finalize import finalize_sae
 from .options import FeatureOptions
 from .schema import StoreError, create_schema, put_meta
 
-__all__ = ["build_feature_store", "predict_memory", "FeatureOptions"]
+__all__ = ["FeatureOptions", "build_feature_store", "predict_memory"]
 
 
 class Progress:
     """Progress lines with rate and ETA, at most one per ``every`` seconds (``write`` receives each line)."""
 
-    def __init__(self, total: int, write: Optional[Callable[[str], None]], every: float = 2.0):
+    def __init__(self, total: int, write: Callable[[str], None] | None, every: float = 2.0):
         self.total, self.write, self.every = max(1, total), write, every
         self.done, self.t0, self.last = 0, time.perf_counter(), 0.0
 
@@ -69,7 +70,9 @@ def _default_write(line: str) -> None:
 
 
 def _labels(paths: Sequence[str]) -> list[str]:
-    names = [Path(p).name or str(p) for p in paths]
+    # a run directory's SAE lives in RUN/sae: name it after the run
+    names = [(Path(p).parent.name if Path(p).name == "sae" and Path(p).parent.name else Path(p).name) or str(p)
+             for p in paths]
     out = []
     for i, (p, n) in enumerate(zip(paths, names)):
         if names.count(n) > 1:
@@ -80,7 +83,7 @@ def _labels(paths: Sequence[str]) -> list[str]:
     return out
 
 
-def _sha256(path: Optional[str]) -> Optional[str]:
+def _sha256(path: str | None) -> str | None:
     if not path:
         return None
     f = Path(path) / "sae_weights.safetensors"
@@ -142,12 +145,12 @@ def _prepare_out(out: Path, overwrite: bool) -> None:
 
 
 def build_feature_store(sae_dirs: Sequence[str | Path], datasets: Sequence[str], n_tokens: int, out: str | Path, *,
-                        model: Optional[str] = None, device: str = "cpu", lm: Any = None,
-                        saes: Optional[Sequence[Any]] = None, hook: Optional[str] = None,
-                        heldout: Optional[Mapping[str, tuple[torch.Tensor, torch.Tensor]]] = None,
-                        data_overrides: Optional[Mapping[str, Any]] = None,
-                        options: Optional[FeatureOptions] = None, overwrite: bool = False,
-                        write: Optional[Callable[[str], None]] = _default_write) -> Path:
+                        model: str | None = None, device: str = "cpu", lm: Any = None,
+                        saes: Sequence[Any] | None = None, hook: str | None = None,
+                        heldout: Mapping[str, tuple[torch.Tensor, torch.Tensor]] | None = None,
+                        data_overrides: Mapping[str, Any] | None = None,
+                        options: FeatureOptions | None = None, overwrite: bool = False,
+                        write: Callable[[str], None] | None = _default_write) -> Path:
     """Build the store at ``out`` (an SQLite file) for ``sae_dirs`` (ours or SAELens's; or pass loaded ``saes``)
     on ``n_tokens`` held-out tokens of each dataset spec (``heldout`` may map a spec to ``(ids, segments)``).
     ``model`` defaults to the first SAE's metadata model (``lm``: a LoadedModel to reuse); each SAE runs at its

@@ -10,7 +10,7 @@ and the completed character is put on the token that completes it. Concatenating
 
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 REPLACEMENT = "\ufffd"
 
@@ -33,7 +33,7 @@ def token_texts(tokenizer, ids: Sequence[int]) -> list[str]:
             out.append(new_text[len(prefix_text):])
             prefix, read = read, k + 1
         elif k == len(ids) - 1:  # the sequence ends inside a character: show what there is on the last token
-            tail = new_text[len(prefix_text):] if new_text.startswith(prefix_text) else new_text
+            tail = new_text.removeprefix(prefix_text)
             out.extend([""] * (k - read))
             out.append(tail)
     return out
@@ -45,6 +45,6 @@ def single_token_text(tokenizer, token_id: int) -> str:
     if REPLACEMENT in s:
         try:
             return str(tokenizer.convert_ids_to_tokens(int(token_id)))
-        except Exception:  # pragma: no cover - tokenizers without the method
+        except Exception:  # noqa: BLE001 - tokenizers without the method
             return s
     return s

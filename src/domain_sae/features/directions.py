@@ -15,7 +15,6 @@ scale); the prompt page divides by the measured sigma / rms of each token.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Optional
 
 import torch
 from torch import Tensor, nn
@@ -32,7 +31,7 @@ class Unembedding:
     gain: Tensor
     centre: bool
     eps: float
-    norm: Optional[nn.Module]
+    norm: nn.Module | None
 
     def project(self, d: Tensor) -> Tensor:
         """g * P d for rows ``d [..., d_model]``."""
@@ -49,7 +48,7 @@ class Unembedding:
         return torch.sqrt(h.pow(2).mean(-1) + self.eps)
 
 
-def find_unembedding(model: nn.Module) -> Optional[Unembedding]:
+def find_unembedding(model: nn.Module) -> Unembedding | None:
     """The unembedding and final norm of a causal LM, or None when the model has no output embedding."""
     out = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
     if out is None or not hasattr(out, "weight"):

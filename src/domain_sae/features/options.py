@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Optional
 
 
 @dataclass
@@ -28,7 +27,7 @@ class FeatureOptions:
     match_threshold: float = 0.7    # decoder cosine for "matched" on the comparison page
     max_hungarian_latents: int = 20000
     seed: int = 0
-    max_memory_gb: Optional[float] = None  # refuse to start when the prediction is above this
+    max_memory_gb: float | None = None  # refuse to start when the prediction is above this
 
     @property
     def n_candidates(self) -> int:

@@ -15,8 +15,9 @@ For token t (predicting token t+1), latent i with activation f_i(t):
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Callable, Optional
+from typing import Any
 
 import numpy as np
 import torch
@@ -141,7 +142,7 @@ def analyse_prompt(lm: Any, sae: Any, hook: str, ids: list[int], segs: list[int]
     for t in range(T):
         act = torch.nonzero(f[t] > 0).flatten()
 
-        def ranked(score: torch.Tensor, key=None) -> list[dict]:
+        def ranked(score: torch.Tensor, key=None, act=act) -> list[dict]:
             if act.numel() == 0:
                 return []
             s = score[act] if key is None else key(score[act])
@@ -164,7 +165,7 @@ def analyse_prompt(lm: Any, sae: Any, hook: str, ids: list[int], segs: list[int]
 
 @torch.no_grad()
 def ablation_effects(lm: Any, sae: Any, hook: str, state: PromptState, *, batch_size: int = 16,
-                     progress: Optional[Callable[[int, int], None]] = None) -> dict[int, torch.Tensor]:
+                     progress: Callable[[int, int], None] | None = None) -> dict[int, torch.Tensor]:
     """``{latent: delta [T-1]}`` with delta_t = CE_t(a - f_i d_i) - CE_t(a) for every candidate latent; one batched
     forward per ``batch_size`` latents; ``progress(done, total)`` after each."""
     model = lm.model

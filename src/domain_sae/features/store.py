@@ -9,7 +9,7 @@ from __future__ import annotations
 import json
 from functools import lru_cache
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Self
 
 import numpy as np
 
@@ -223,12 +223,12 @@ class FeatureStore:
     def close(self) -> None:
         self.conn.close()
 
-    def __enter__(self) -> "FeatureStore":
+    def __enter__(self) -> Self:
         return self
 
     def __exit__(self, *exc) -> None:
         self.close()
 
 
-def open_feature_store(path: str | Path, *, which: Optional[str] = None) -> FeatureStore:
+def open_feature_store(path: str | Path, *, which: str | None = None) -> FeatureStore:
     return FeatureStore(path)
