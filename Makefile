@@ -25,6 +25,9 @@ demo-quick: setup
 	$(BIN)/dsae demo --quick
 
 test: setup
+	# Browser tests (marker `browser`) drive the system Chromium through Playwright (pip: in the test extra).
+	test -x /usr/bin/chromium || (apt-get update -q && apt-get install -y -q chromium) || echo "chromium not installed: browser tests will be skipped"
+	$(PIP) playwright
 	$(BIN)/python -m pytest -q
 
 test-slow: setup
