@@ -22,7 +22,7 @@ from domain_sae.features.store import FeatureStore  # noqa: E402
 
 ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
         "--disable-sync", "--no-first-run"]
-CHAT = "user: How do I reverse a list in Python?\nassistant: Use slicing: items[::-1] returns a reversed copy."
+CHAT = "user: How do I reverse a list in Python?\nassistant: Use items[::-1]."
 
 
 def main(argv=None) -> None:
@@ -44,14 +44,16 @@ def main(argv=None) -> None:
         page.screenshot(path=str(out / "dashboard_list.png"))
         page.goto(f"{url}/feature/{latent}")
         page.wait_for_selector("#top-examples")
-        page.screenshot(path=str(out / "dashboard_feature.png"), full_page=True)
+        page.set_viewport_size({"width": 1280, "height": 1500})
+        page.screenshot(path=str(out / "dashboard_feature.png"))
+        page.set_viewport_size({"width": 1280, "height": 900})
         page.goto(url + "/prompt")
         page.select_option("#prompt-kind", "chat")
         page.fill("#prompt-text", a.prompt)
         page.click("#prompt-go")
         page.wait_for_function("() => document.querySelector('#ablation-status') && "
                                "document.querySelector('#ablation-status').textContent.includes('done')",
-                               timeout=300_000)
+                               timeout=1_200_000)
         page.screenshot(path=str(out / "dashboard_prompt.png"), full_page=True)
         page.goto(url + "/compare")
         page.wait_for_selector("#pairs")

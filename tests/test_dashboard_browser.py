@@ -170,11 +170,11 @@ def test_offline_default_model_prompt(browser, smol_lm, smol_store, tmp_path):
         page.goto(url + "/prompt")
         page.wait_for_selector("#prompt-text")
         page.select_option("#prompt-kind", "chat")
-        page.fill("#prompt-text", "user: Can you write a Python function that adds two numbers?\nassistant: def add(a, b):")
+        page.fill("#prompt-text", "user: Add two numbers in Python?\nassistant: def add(a, b):")
         page.click("#prompt-go")
         page.wait_for_selector("#col-activation")
         page.wait_for_function("() => document.querySelector('#ablation-status').textContent.includes('done')",
-                               timeout=90_000)
+                               timeout=600_000)
         assert "<|im_start|>" in page.inner_text("#prompt-tokens")
         for col in ("#col-activation", "#col-quantile", "#col-logit", "#col-ablation"):
             assert page.query_selector(col) is not None

@@ -32,6 +32,7 @@ import torch
 
 from .. import __version__
 from ..atomic import fsync_dir, fsync_file
+from ..data.segments import training_mask
 from ..errors import UserError
 from .accumulate import LatentAccumulator, hist_edges
 from .compare import write_comparisons
@@ -190,7 +191,7 @@ def build_feature_store(sae_dirs: Sequence[str | Path], datasets: Sequence[str],
     pred = predict_memory([s.d_sae for s in saes], [s.d_in for s in saes], len(datasets), opts,
                           model_bytes=model_bytes, context_size=ctx, d_model=max(widths.values()), vocab=vocab)
     disk = sum(n_tokens * w * 4 for w in widths.values()) * len(datasets)
-    prog = Progress(n_tokens * len(datasets), write)
+    prog = Progress(-(-n_tokens // ctx) * ctx * len(datasets), write)
     prog.note(f"{len(saes)} SAE(s) x {len(datasets)} dataset(s), {n_tokens:,} held-out tokens each; predicted peak "
               f"memory {_gib(pred['peak'])} (model {_gib(pred['model'])}, statistics {_gib(pred['accumulators'])}, "
               f"per step {_gib(max(pred['step'], pred['finalize']))}); activation spill on disk {_gib(disk)}.")
@@ -210,9 +211,7 @@ def build_feature_store(sae_dirs: Sequence[str | Path], datasets: Sequence[str],
         chunk = pred["chunk_tokens"]
         for k, (spec, dcfg) in enumerate(zip(datasets, dcfgs)):
             ids, segs = _heldout_tokens(spec, dcfg, lm.tokenizer, n_tokens, heldout)
-            mask = segs != -1
-            if opts.exclude_special:
-                mask &= segs != 0
+            mask = training_mask(segs, opts.exclude_special)   # the positions SAE training and eval use
             seq_ids.append(ids)
             seq_segs.append(segs)
             masks.append(mask)
