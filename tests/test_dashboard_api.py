@@ -140,3 +140,28 @@ def test_text_from_data_is_escaped_everywhere(env):
     feature_page = out / "feature" / "0" / f"{latent}.html"
     assert feature_page.stat().st_size < 200_000
     assert "\\u003c" in feature_page.read_text()  # the planted markup is there as inert, escaped data
+
+
+def test_newer_prompt_job_supersedes_older_one():
+    import threading
+
+    from domain_sae.dashboard.jobs import JobRunner
+    runner = JobRunner(threading.Lock())
+    seen = []
+
+    def slow(progress):
+        for i in range(40):
+            time.sleep(0.01)
+            progress(i + 1, 40)
+            seen.append(i)
+        return "ok"
+    a = runner.submit(40, slow)
+    time.sleep(0.05)
+    b = runner.submit(40, slow)
+    for _ in range(300):
+        if runner.get(b)["status"] == "done":
+            break
+        time.sleep(0.01)
+    assert runner.get(a)["status"] == "cancelled" and runner.get(a)["done"] < 40
+    assert runner.get(b) == {**runner.get(b), "status": "done", "done": 40, "total": 40, "result": "ok"}
+    assert runner.get("nope") is None

@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import json
 
+from feature_helpers import TEXTS_A, TEXTS_B, make_sae
+
 from domain_sae.cli import main
 from domain_sae.features.store import FeatureStore
-from feature_helpers import TEXTS_A, TEXTS_B, make_sae
 
 
 def test_cli_builds_store_and_exports(tmp_path, smol_tokenizer, capsys):

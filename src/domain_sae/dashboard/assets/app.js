@@ -278,6 +278,7 @@
       progText.textContent = "ablation: " + j.status + " (" + j.done + "/" + j.total + " latents)";
       if (j.status === "done") { j.ablation.forEach((a, i) => { toks[i].ablation = a; }); drawDetail(); return; }
       if (j.status === "error") { progText.textContent = "ablation failed: " + j.error; return; }
+      if (j.status === "cancelled") { progText.textContent = "ablation: cancelled (a newer prompt replaced it)"; return; }
       setPoll(setTimeout(tick, 400));
     };
     tick();
