@@ -1,6 +1,7 @@
 """Static export: the feature list, every feature page and the comparison pages as plain files (no server).
 
-    DIR/index.html                     feature list (all rows embedded; search, sort and paging in the browser)
+    DIR/index.html                     feature list (all rows embedded; search, sort and paging in the browser;
+                                       the search covers the first 300 characters of the top contexts)
     DIR/feature/<sae_id>/<latent>.html one page per latent (its data embedded as JSON)
     DIR/compare.html, DIR/compare/<a>-<b>.html   comparisons (first ``pairs`` matched pairs)
     DIR/assets/app.js, style.css       the vendored front end
@@ -41,7 +42,7 @@ def export_site(store_path: str | Path, out_dir: str | Path, *, max_latents: int
                                     "search_text FROM latents WHERE sae_id = ? ORDER BY latent", (s["sae_id"],))
             rows[str(s["sae_id"])] = [{"latent": r[0], "density": r[1], "mean_act": r[2], "max_act": r[3],
                                        "specificity": r[4], "spec_dataset": r[5],
-                                       "snippet": (r[6] or "").split(" \u2016 ")[0][:120], "search": r[6] or ""}
+                                       "snippet": (r[6] or "").split(" \u2016 ")[0][:120], "search": (r[6] or "")[:300]}
                                       for r in rs]
         _write(out / "index.html", render_page("list", root="", mode="export", data={"store": summary, "rows": rows}))
         n = 0
