@@ -99,8 +99,9 @@ def _sha256(path: str | None) -> str | None:
 
 def predict_memory(d_saes: Sequence[int], d_ins: Sequence[int], n_datasets: int, opts: FeatureOptions, *,
                    model_bytes: int, context_size: int, d_model: int, vocab: int) -> dict[str, int]:
-    """Predicted peak resident bytes: model + SAEs + accumulators (all SAEs x datasets) + the larger of one
-    streaming step (chunk temporaries + forward) and the finalisation temporaries. ``disk``: activation spill."""
+    """Predicted peak resident bytes: ``model_bytes`` (the process as it stands, model and SAEs loaded, when the
+    caller measured it) + accumulators (all SAEs x datasets) + the larger of one streaming step (chunk temporaries
+    + forward) and the finalisation temporaries."""
     per_lat = LatentAccumulator.bytes_per_latent(opts.n_candidates, opts.reservoir, opts.hist_bins)
     acc = sum(d * per_lat for d in d_saes) * n_datasets
     saes = sum(4 * (2 * d * di + d + di) for d, di in zip(d_saes, d_ins))
@@ -110,7 +111,16 @@ def predict_memory(d_saes: Sequence[int], d_ins: Sequence[int], n_datasets: int,
         opts.batch_size * context_size * d_model * 4 * 24
     fin = max(1024 * d_max * 4 * 2, 256 * vocab * 4 * 4, d_max * (opts.n_candidates + opts.reservoir) * 16 * 3)
     return {"model": int(model_bytes), "saes": saes, "accumulators": acc, "step": int(step), "finalize": int(fin),
-            "peak": int(model_bytes + saes + acc + max(step, fin)), "chunk_tokens": chunk}
+            "peak": int(model_bytes + acc + max(step, fin)), "chunk_tokens": chunk}
+
+
+def current_rss_bytes() -> int | None:
+    """Resident memory of this process now (Linux /proc), or None where unavailable."""
+    try:
+        with open("/proc/self/statm") as fh:
+            return int(fh.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    except (OSError, ValueError, IndexError):
+        return None
 
 
 def chunk_tokens(opts: FeatureOptions, d_sae: int) -> int:
@@ -188,12 +198,13 @@ def build_feature_store(sae_dirs: Sequence[str | Path], datasets: Sequence[str],
     ctx = dcfgs[0].context_size
     model_bytes = sum(p.numel() * p.element_size() for p in net.parameters())
     vocab = int(net.get_output_embeddings().weight.shape[0]) if net.get_output_embeddings() is not None else 0
+    rss = current_rss_bytes()   # the process now: interpreter, libraries, model and SAEs
     pred = predict_memory([s.d_sae for s in saes], [s.d_in for s in saes], len(datasets), opts,
-                          model_bytes=model_bytes, context_size=ctx, d_model=max(widths.values()), vocab=vocab)
+                          model_bytes=rss if rss else model_bytes + sum(4 * 2 * s.d_sae * s.d_in for s in saes), context_size=ctx, d_model=max(widths.values()), vocab=vocab)
     disk = sum(n_tokens * w * 4 for w in widths.values()) * len(datasets)
     prog = Progress(-(-n_tokens // ctx) * ctx * len(datasets), write)
     prog.note(f"{len(saes)} SAE(s) x {len(datasets)} dataset(s), {n_tokens:,} held-out tokens each; predicted peak "
-              f"memory {_gib(pred['peak'])} (model {_gib(pred['model'])}, statistics {_gib(pred['accumulators'])}, "
+              f"memory {_gib(pred['peak'])} (process now {_gib(pred['model'])}, statistics {_gib(pred['accumulators'])}, "
               f"per step {_gib(max(pred['step'], pred['finalize']))}); activation spill on disk {_gib(disk)}.")
     if opts.max_memory_gb is not None and pred["peak"] > opts.max_memory_gb * (1 << 30):
         raise UserError(f"The build is predicted to need {_gib(pred['peak'])}, above --max-memory-gb "
