@@ -82,6 +82,10 @@ def test_prompt_metrics_match_independent_computation(tiny_lm):
             v = float(f[t, e["latent"]])
             assert e["value"] == pytest.approx(np.interp(v, table[e["latent"]], np.linspace(0, 1, 101)), abs=1e-5)
 
+    capped, _ = analyse_prompt(tiny_lm, sae, HOOK, ids, segs, table, top_n=5, max_candidates=7)
+    assert len(capped["candidates"]) == 7 and set(capped["candidates"]) <= set(res["candidates"])
+    firsts = {tok["activation"][0]["latent"] for tok in res["tokens"] if tok["activation"]}
+    assert len(firsts) > 7 or firsts <= set(capped["candidates"])   # rank-0 latents come first
     effects = ablation_effects(tiny_lm, sae, HOOK, state, batch_size=4)
     assert set(effects) == set(res["candidates"])
     for latent in res["candidates"][:3]:

@@ -57,7 +57,8 @@ class _Models:
 
 
 def create_app(store_path: str | Path, *, lm: Any = None, saes: Mapping[str, Any] | None = None,
-               device: str = "cpu", load_model: bool = True, top_n: int = 8, ablation_batch: int = 16) -> FastAPI:
+               device: str = "cpu", load_model: bool = True, top_n: int = 8, ablation_batch: int = 16,
+               max_candidates: int = 128) -> FastAPI:
     """The app over the store at ``store_path``. ``lm``/``saes`` (label -> SAE) reuse loaded objects; otherwise
     the store's model and SAE paths are loaded on the first prompt (never when ``load_model`` is false)."""
     store = FeatureStore(store_path)
@@ -166,7 +167,8 @@ def create_app(store_path: str | Path, *, lm: Any = None, saes: Mapping[str, Any
             lm_, sae_, table = models.get(info["label"])
             bos = bool((prov.get("data_config") or {}).get("prepend_bos", True))
             ids, segs = tokenize_prompt(lm_.tokenizer, body.get("text"), body.get("messages"), prepend_bos=bos)
-            result, state = analyse_prompt(lm_, sae_, info["hook"], ids, segs, table, top_n=top_n)
+            result, state = analyse_prompt(lm_, sae_, info["hook"], ids, segs, table, top_n=top_n,
+                                           max_candidates=max_candidates)
 
         def work(progress):
             effects = ablation_effects(lm_, sae_, info["hook"], state, batch_size=ablation_batch, progress=progress)

@@ -10,7 +10,8 @@ For token t (predicting token t+1), latent i with activation f_i(t):
 4. **ablation loss change**: CE_t(a - f_i d_i) - CE_t(a), the exact change of the next-token cross-entropy when the
    latent's decoder contribution f_i(s) d_i is removed from the hook activation a at every position s (the SAE's
    error term stays, so only that latent changes). One full forward per latent, batched; computed for the
-   candidate latents: the union over tokens of each token's top latents by metrics 1-3.
+   candidate latents: the union over tokens of each token's top latents by metrics 1-3, at most
+   ``max_candidates`` of them (those with the best rank in any token's lists first, ties by activation).
 """
 
 from __future__ import annotations
@@ -102,7 +103,7 @@ def _next_token_ce(logits: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
 
 @torch.no_grad()
 def analyse_prompt(lm: Any, sae: Any, hook: str, ids: list[int], segs: list[int], table: np.ndarray, *,
-                   top_n: int = 8) -> tuple[dict, PromptState]:
+                   top_n: int = 8, max_candidates: int = 128) -> tuple[dict, PromptState]:
     """Metrics 1-3 for every token (module docstring) and the ablation candidates. Returns the JSON-ready
     result and the state :func:`ablation_effects` continues from."""
     model = lm.model
@@ -138,7 +139,7 @@ def analyse_prompt(lm: Any, sae: Any, hook: str, ids: list[int], segs: list[int]
     if active.numel():
         q[active[:, 0], active[:, 1]] = quantiles(f[active[:, 0], active[:, 1]], active[:, 1].cpu(), table)
     texts = token_texts(lm.tokenizer, ids)
-    tokens, cands = [], set()
+    tokens, best = [], {}
     for t in range(T):
         act = torch.nonzero(f[t] > 0).flatten()
 
@@ -154,13 +155,16 @@ def analyse_prompt(lm: Any, sae: Any, hook: str, ids: list[int], segs: list[int]
                  "activation": ranked(f[t]), "quantile": ranked(q[t]),
                  "logit": ranked(dla[t], key=torch.abs) if t < T - 1 else [], "ablation": None}
         for m in ("activation", "quantile", "logit"):
-            cands.update(e["latent"] for e in entry[m])
+            for rank, e in enumerate(entry[m]):
+                key = (rank, -float(f[t, e["latent"]]))
+                best[e["latent"]] = min(best.get(e["latent"], key), key)
         tokens.append(entry)
     labels = {"activation": "activation f_i(t)", "quantile": "quantile within the latent's active values",
               "logit": "direct logit effect on the actual next token (direct path)",
               "ablation": "loss change on the next token when the latent is ablated (nats)"}
-    return ({"tokens": tokens, "n_tokens": T, "metrics": labels, "candidates": sorted(cands)},
-            PromptState(x.cpu(), f, ce, sorted(cands)))
+    cands = sorted(sorted(best, key=lambda k: best[k])[:max_candidates])
+    return ({"tokens": tokens, "n_tokens": T, "metrics": labels, "candidates": cands},
+            PromptState(x.cpu(), f, ce, cands))
 
 
 @torch.no_grad()
