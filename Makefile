@@ -26,6 +26,9 @@ demo-quick: setup
 
 # Lint first: the layering contract (pyproject.toml [tool.importlinter]) and ruff, then the suite.
 test: setup
+	# Browser tests (marker `browser`) drive the system Chromium through Playwright (pip: in the test extra).
+	test -x /usr/bin/chromium || (apt-get update -q && apt-get install -y -q chromium) || echo "chromium not installed: browser tests will be skipped"
+	$(PIP) playwright
 	$(BIN)/lint-imports && $(BIN)/ruff check src tests && $(BIN)/python -m pytest -q
 
 test-slow: setup

@@ -6,11 +6,14 @@
     dsae compare  STUDY_CONFIG [--out DIR]
     dsae demo     [--quick] [--out DIR]
     dsae options  [train|eval|study]        print the option reference (Markdown)
+    dsae features SAE_DIR [SAE_DIR ...] --data chat --data code [--tokens N] --out STORE
+    dsae dashboard STORE [--port 8000] [--host 127.0.0.1] [--export DIR]
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
 import sys
 from pathlib import Path
@@ -101,9 +104,62 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--quick", action="store_true", help="Smoke-sized version (about 5 minutes).")
     demo.add_argument("--out", default=None, help="Output directory (default: demo_out).")
 
+    _feature_parsers(sub)
+
     opts = sub.add_parser("options", help="Print the option reference as Markdown.")
     opts.add_argument("which", nargs="?", default="train", choices=["train", "eval", "study"])
     return parser
+
+
+def _feature_parsers(sub) -> None:
+    from .features.options import FeatureOptions
+    fe = sub.add_parser("features", help="Build a feature store (SQLite) of per-latent statistics and examples.",
+                        description="One streaming pass per dataset over held-out tokens: densities, histograms, "
+                                    "top and quantile examples, logit effects, neighbours, domain AUROC.")
+    fe.add_argument("saes", nargs="+", metavar="SAE_DIR", help="SAE directories (ours or SAELens's).")
+    fe.add_argument("--data", action="append", dest="datasets", metavar="DATA",
+                    help="Dataset (repeatable): chat, code, a file or a hub id. Default: chat and code.")
+    fe.add_argument("--tokens", type=int, default=16384, help="Held-out tokens per dataset (default 16384).")
+    fe.add_argument("--out", required=True, help="Store file to write, e.g. features.sqlite.")
+    fe.add_argument("--overwrite", action="store_true", help="Replace an existing store at --out.")
+    fe.add_argument("--model", default=None, help="Language model (default: the first SAE's metadata model).")
+    fe.add_argument("--hook", default=None, help="Hook point for every SAE (default: each SAE's metadata hook).")
+    fe.add_argument("--device", default="cpu", help="Device for the model and SAEs (default cpu).")
+    for f in dataclasses.fields(FeatureOptions):
+        if f.name in ("exclude_special",):
+            continue
+        typ = float if f.type in ("float", "Optional[float]") else int
+        fe.add_argument("--" + f.name.replace("_", "-"), dest=f.name, type=typ, default=None,
+                        help=f"(default {f.default})")
+    da = sub.add_parser("dashboard", help="Serve the feature dashboard for a store (or export it as static files).")
+    da.add_argument("store", help="Feature store made by `dsae features`.")
+    da.add_argument("--port", type=int, default=8000)
+    da.add_argument("--host", default="127.0.0.1", help="Address to bind (default 127.0.0.1; others warn).")
+    da.add_argument("--export", metavar="DIR", default=None, help="Write static pages to DIR instead of serving.")
+    da.add_argument("--export-latents", type=int, default=None, help="Export only the first N latents per SAE.")
+    da.add_argument("--no-model", action="store_true", help="Do not load the model (the prompt page is disabled).")
+    da.add_argument("--device", default="cpu")
+
+
+def cmd_features(ns) -> int:
+    from .features.build import build_feature_store
+    from .features.options import FeatureOptions
+    values = {f.name: getattr(ns, f.name) for f in dataclasses.fields(FeatureOptions)
+              if getattr(ns, f.name, None) is not None}
+    out = build_feature_store(ns.saes, ns.datasets or ["chat", "code"], ns.tokens, ns.out, model=ns.model,
+                              device=ns.device, hook=ns.hook, options=FeatureOptions(**values),
+                              overwrite=ns.overwrite)
+    print(f"Feature store: {out}. View it with: dsae dashboard {out}")
+    return 0
+
+
+def cmd_dashboard(ns) -> int:
+    from .dashboard import serve
+    if ns.export:
+        serve.export(ns.store, ns.export, ns.export_latents)
+        return 0
+    serve.serve(ns.store, host=ns.host, port=ns.port, device=ns.device, load_model=not ns.no_model)
+    return 0
 
 
 def cmd_train(ns) -> int:
@@ -193,7 +249,7 @@ def cmd_options(ns) -> int:
 
 
 COMMANDS = {"train": cmd_train, "finetune": cmd_finetune, "eval": cmd_eval, "compare": cmd_compare,
-            "demo": cmd_demo, "options": cmd_options}
+            "demo": cmd_demo, "options": cmd_options, "features": cmd_features, "dashboard": cmd_dashboard}
 
 
 def main(argv: Optional[list[str]] = None) -> int:
