@@ -7,9 +7,10 @@ from pathlib import Path
 import pytest
 import torch
 
+from domain_sae.activations.mixture import MixtureSource, split_evenly
 from domain_sae.config import ConfigError
 from domain_sae.study.config import StudyConfig, load_study_config
-from domain_sae.study.inputs import MixtureSource, _read_prompts, split_evenly
+from domain_sae.study.inputs import _read_prompts
 from domain_sae.study.plan import (ASSUMED, Throughput, cache_tokens_per_domain, estimate_minutes, format_plan,
                                    n_overlap_pairs, study_plan)
 

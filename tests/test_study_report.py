@@ -9,6 +9,7 @@ import re
 
 import pytest
 
+from domain_sae.study import figures as F
 from domain_sae.study import report as R
 from domain_sae.study.config import CONTROL, GENERAL, StudyConfig, finetuned_name, scratch_name
 
@@ -71,7 +72,8 @@ def synthetic_results(domains=("chat", "code"), *, general=0.80, control=0.81, s
         {"value": 2.0, "prefix": "def f(x", "token": ")", "suffix": ":\n    return"}]}]} for d in domains}
     ks = list(range(1, 65))
     per = {n: {"reconstruction_cosine": 0.5 + 0.01 * i, "best_latent_cosine": 0.3, "best_latent": i, "ks": ks,
-               "topk_lstsq_rel_error": [1 / math.sqrt(k) for k in ks], "omp_rel_error": [0.9 / math.sqrt(k) for k in ks]}
+               "topk_lstsq_rel_error": [1 / math.sqrt(k) for k in ks],
+               "omp_rel_error": [0.9 / math.sqrt(k) for k in ks]}
            for i, n in enumerate(names)}
     dirs = ["code scratch latent 5", "general→code latent 9", "diff-of-means", "random"]
     strengths = [0.5, 1.0]
@@ -179,7 +181,7 @@ def test_write_report_files_self_contained(tmp_path):
 
 def test_every_plot_has_title_and_axis_labels(tmp_path, monkeypatch):
     seen = []
-    original = R._save
+    original = F.save_figure
 
     def checking_save(fig, path):
         for ax in fig.axes:
@@ -190,8 +192,8 @@ def test_every_plot_has_title_and_axis_labels(tmp_path, monkeypatch):
             assert ax.get_xlabel() and ax.get_ylabel(), f"{path.name}: an axes without axis labels"
         return original(fig, path)
 
-    monkeypatch.setattr(R, "_save", checking_save)
-    R.make_plots(synthetic_results(), tmp_path)
+    monkeypatch.setattr(F, "save_figure", checking_save)
+    F.make_plots(synthetic_results(), tmp_path)
     assert {"token_efficiency.png", "forgetting.png", "max_cosine.png", "matching.png", "drift.png",
             "direction_capture.png", "steering.png"} <= set(seen)
 
@@ -219,3 +221,44 @@ def test_check_results_names_what_is_missing(tmp_path):
     del res["budgets"]
     with pytest.raises(R.ReportError, match="budgets"):
         R.write_report(res, tmp_path)
+
+
+def test_text_from_data_is_escaped_in_markdown_and_html(tmp_path):
+    """Prompts, generations, example contexts, dataset specs and labels come from data or users: a ``<script>``
+    in any of them must reach report.md / report.html as inert text, and table rows keep their column count."""
+    evil = "<script>alert(1)</script>"
+    res = synthetic_results()
+    res["config"]["domains"]["code"] = f"code{evil}"
+    res["directions"]["example_prompts"] = [[f"Write {evil}"], [f"hi *there* {evil}"]]
+    res["directions"]["labels"] = [f"code {evil}", "small talk"]
+    res["steering"]["prompts"] = [f"p1 {evil}", "p2"]
+    gens = res["steering"]["add"]["generations"]
+    gens["clean"] = [f"hello {evil}", "hi | there"]
+    res["overlap"]["domain_specific"]["chat"]["top"][0]["examples"][0]["token"] = evil
+    paths = R.write_report(res, tmp_path)
+    md, html = paths["report_md"].read_text(), paths["report_html"].read_text()
+    # a fenced code block (the config as JSON) is inert by construction and holds the text verbatim
+    fenced = re.findall(r"^(`{3,})\n(.*?)\n\1$", md, flags=re.S | re.M)
+    assert any(evil in body for _, body in fenced)
+    md = re.sub(r"^(`{3,})\n.*?\n\1$", "", md, flags=re.S | re.M)
+    assert "<script>" not in md and "<script>" not in html
+    # escaped, not dropped: every place shows the text
+    assert md.count("&lt;script&gt;") >= 6 and html.count("&lt;script&gt;") >= 6
+    assert "hi \\*there\\*" in md  # Markdown emphasis from data is inert
+    header = next(ln for ln in md.splitlines() if ln.startswith("| direction added |"))
+    clean_rows = [ln for ln in md.splitlines() if ln.startswith("| none (clean) |")]
+    assert clean_rows and all(ln.replace("\\|", "").count(" | ") == header.count(" | ") for ln in clean_rows)
+
+
+def test_document_renderers_escape_every_block_kind(tmp_path):
+    from domain_sae.study.document import Bullets, Code, Heading, Paragraph, Table, render_html, render_markdown
+    evil = "<b>x</b> **y** [z](http://e)"
+    blocks = [Heading(evil, 1), Paragraph(evil), Paragraph(evil, strong=True), Bullets([evil]),
+              Table([evil], [[evil]]), Code("```\n" + evil)]
+    md, html = render_markdown(blocks, {}), render_html(blocks, {})
+    prose, code = md.split("````\n", 1)
+    assert "<b>x" not in prose and "](http" not in prose.replace("\\](http", "")
+    assert "\\*\\*y\\*\\*" in prose
+    assert prose.count("&lt;b&gt;") == 6  # heading, 2 paragraphs, bullet, header, cell; code stays verbatim
+    assert "````\n```\n<b>x</b>" in md
+    assert "<b>x</b>" not in html and html.count("&lt;b&gt;x&lt;/b&gt;") == 7

@@ -7,17 +7,30 @@ One study trains, from activation caches built in one model pass per domain:
 - ``<domain> scratch``: on one domain from scratch, for every domain;
 - ``general→<domain>``: the general SAE fine-tuned on one domain, for every domain;
 - the token-efficiency ladder: scratch and fine-tuned SAEs at each of ``budgets`` tokens, per domain.
+
+Options that mean the same as in `dsae train` / `dsae eval` (model, hook, lr, batch sizes, ...) are declared there
+and taken over here with :func:`inherit` (same default, same help); only the study's own options
+are declared in :class:`StudyConfig`. The schedule every study SAE trains with is :func:`study_schedule`.
 """
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from typing import Optional
 
-from ..config import ConfigError, from_dict, load_config_file, opt
+from ..config import ConfigError, EvalConfig, TrainConfig, from_dict, load_config_file, opt
 
 GENERAL = "general"
 CONTROL = "general (seed 2)"
+
+
+def inherit(cls: type, name: str):
+    """A field with the default and documentation of ``cls``'s option ``name`` (each option documented once)."""
+    f = cls.__dataclass_fields__[name]
+    if f.default_factory is not dataclasses.MISSING:
+        return dataclasses.field(default_factory=f.default_factory, metadata=f.metadata)
+    return dataclasses.field(default=f.default, metadata=f.metadata)
 
 
 def scratch_name(domain: str) -> str:
@@ -32,35 +45,35 @@ def finetuned_name(domain: str) -> str:
 class StudyConfig:
     """One study: SAEs {general, <domain> scratch, general→<domain>} + a seed-control general SAE."""
 
-    model: str = opt("smollm2-135m-instruct", "Language model (as for dsae train).", group="model")
-    hook: str = opt("blocks.0.hook_mlp_out", "Hook point.", group="model")
-    device: str = opt("auto", "Device.", group="model")
+    # Options shared with `dsae train` / `dsae eval`: default and help come from TrainConfig / EvalConfig.
+    model: str = inherit(TrainConfig, "model")
+    hook: str = inherit(TrainConfig, "hook")
+    device: str = inherit(TrainConfig, "device")
     domains: dict = opt({"chat": "chat", "code": "code"},
                         "Domains: name -> data spec (as for dsae train --data). The general SAE trains on their "
                         "mixture (equal shares of every batch).", group="data")
-    context_size: int = opt(256, "Tokens per sequence.", group="data")
-    holdout_fraction: float = opt(0.05, "Held-out fraction of each domain (by content hash).", group="data")
+    context_size: int = inherit(TrainConfig, "context_size")
+    holdout_fraction: float = inherit(TrainConfig, "holdout_fraction")
 
-    expansion_factor: int = opt(4, "d_sae = expansion_factor * d_in (unless d_sae is set).", group="sae")
-    d_sae: Optional[int] = opt(None, "Number of latents of every SAE; overrides expansion_factor.", group="sae")
-    train_batch_size_tokens: int = opt(4096, "Tokens per optimizer step.", group="training")
-    buffer_size_tokens: int = opt(65536, "Shuffle buffer (tokens).", group="training")
-    lr: float = opt(2e-3, "Learning rate of SAEs trained from scratch.", group="training")
-    finetune_lr: float = opt(1e-3, "Learning rate when fine-tuning the general SAE (fresh optimizer, 5% warm-up).",
-                             group="training")
-    l1_coefficient: float = opt(5.0, "Sparsity coefficient (all SAEs).", group="training")
+    expansion_factor: int = inherit(TrainConfig, "expansion_factor")
+    d_sae: Optional[int] = inherit(TrainConfig, "d_sae")
+    train_batch_size_tokens: int = inherit(TrainConfig, "train_batch_size_tokens")
+    buffer_size_tokens: int = inherit(TrainConfig, "buffer_size_tokens")
+    lr: float = inherit(TrainConfig, "lr")
+    finetune_lr: float = opt(1e-3, "Learning rate when fine-tuning the general SAE (fresh optimizer; the "
+                             "schedule of every SAE is given by study_schedule).", group="training")
+    l1_coefficient: float = inherit(TrainConfig, "l1_coefficient")
     general_tokens: int = opt(400_000, "Training tokens of the general SAE (equal shares of every domain) and of "
                               "its seed control.", group="budget")
     scratch_tokens: int = opt(400_000, "Training tokens of each domain SAE trained from scratch.", group="budget")
     finetune_tokens: int = opt(100_000, "Tokens of each fine-tuning of the general SAE.", group="budget")
     budgets: list[int] = opt([25_000, 50_000, 100_000, 200_000], "Token budgets of the token-efficiency curves "
                              "(fine-tuned vs scratch at each budget, per domain).", group="budget")
-    seed: int = opt(42, "Seed of every SAE.", group="training")
+    seed: int = inherit(TrainConfig, "seed")
     control_seed: int = opt(43, "Seed of the seed-control general SAE (the yardstick for differences).",
                             group="training")
 
-    eval_tokens: int = opt(4096, "Held-out tokens per eval set for language-model metrics (CE/KL, full model "
-                           "passes).", group="eval")
+    eval_tokens: int = inherit(EvalConfig, "eval_tokens")
     recon_tokens: int = opt(16384, "Held-out tokens per domain for reconstruction metrics and the token-efficiency "
                             "curves (truncated model pass only).", group="eval")
     match_threshold: float = opt(0.7, "Decoder cosine at or above which two latents count as the same.",
@@ -77,6 +90,8 @@ class StudyConfig:
     steering_strengths: list[float] = opt([0.25, 0.5, 1.0], "Steering strengths, in units of the mean activation "
                                           "norm at the hook.", group="analysis")
     steering_tokens: int = opt(2048, "Held-out tokens per domain for the steering CE change.", group="analysis")
+    generation_prompts: list[str] = opt([], "Prompts of the steered greedy generations; default: the first two "
+                                        "prompts of set B.", group="analysis")
     generate_tokens: int = opt(20, "Greedy tokens per steered generation.", group="analysis")
     output_dir: str = opt("demo_out/full", "Where the study writes its report.", group="output")
 
@@ -134,3 +149,22 @@ def load_study_config(path: Optional[str] = None, overrides: Optional[dict] = No
     values = load_config_file(path) if path else {}
     values.update(overrides or {})
     return from_dict(StudyConfig, values, source=str(path or "study options")).validate()
+
+
+# The schedule of every SAE of the study, in parts of its ``steps = tokens // train_batch_size_tokens`` (runs of
+# very different lengths -- the budget ladder -- get the same shape of schedule).
+LR_WARM_UP_PARTS = 20     # lr_warm_up_steps = steps // 20   (the first 5%)
+LR_DECAY_PARTS = 5        # lr_decay_steps   = steps // 5    (the last 20%)
+L1_WARM_UP_PARTS = 20     # l1_warm_up_steps = steps // 20
+SPARSITY_WINDOW_PARTS = 4  # feature_sampling_window = dead_feature_window = max(10, steps // 4)
+LOGS_PER_RUN = 10         # log_every = max(1, steps // 10)
+
+
+def study_schedule(steps: int) -> dict[str, int]:
+    """TrainConfig schedule options of one study SAE of ``steps`` optimizer steps: linear LR warm-up over the first
+    5% and linear decay over the last 20%, L1 warm-up over the first 5%, sparsity windows of a quarter of the run
+    (at least 10 steps), ten log lines per run."""
+    window = max(10, steps // SPARSITY_WINDOW_PARTS)
+    return {"lr_warm_up_steps": steps // LR_WARM_UP_PARTS, "lr_decay_steps": steps // LR_DECAY_PARTS,
+            "l1_warm_up_steps": steps // L1_WARM_UP_PARTS, "feature_sampling_window": window,
+            "dead_feature_window": window, "log_every": max(1, steps // LOGS_PER_RUN)}

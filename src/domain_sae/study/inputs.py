@@ -1,54 +1,20 @@
-"""What the study feeds its SAEs and analyses: a general mixture of activation sources, held-out activation sets
-and the two prompt sets of the direction analysis."""
+"""What the study feeds its SAEs and analyses: held-out activation sets (and their general mix) and the two prompt
+sets of the direction analysis. The general training mixture is :class:`domain_sae.activations.MixtureSource`."""
 
 from __future__ import annotations
 
 import ast
+import math
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
+from ..config import ConfigError
+from ..data.formatting import tokenize_document
 from ..data.segments import USER, training_mask
+from ..data.sources import Document, open_source, stdlib_files
 from ..models.hooks import capture
-
-
-class MixtureSource:
-    """The "general" distribution: every batch is the concatenation of one batch from each part (the parts serve
-    equal shares, built by the caller), so the mixture weights are exact at every step, not only on average.
-
-    Same interface as the activation sources (iterator, ``next_batch``, ``first_buffer``, ``state_dict``)."""
-
-    def __init__(self, *parts):
-        if len(parts) < 1:
-            raise ValueError("MixtureSource needs at least one part.")
-        self.parts = list(parts)
-
-    def __iter__(self):
-        return self
-
-    def __next__(self) -> torch.Tensor:
-        return torch.cat([next(p) for p in self.parts])
-
-    next_batch = __next__
-
-    def first_buffer(self) -> torch.Tensor:
-        return torch.cat([p.first_buffer() for p in self.parts])
-
-    def state_dict(self) -> dict:
-        return {"parts": [p.state_dict() for p in self.parts]}
-
-    def load_state_dict(self, state: dict) -> None:
-        if len(state.get("parts", ())) != len(self.parts):
-            raise ValueError(f"Mixture state holds {len(state.get('parts', ()))} parts; this mixture has "
-                             f"{len(self.parts)}.")
-        for p, st in zip(self.parts, state["parts"]):
-            p.load_state_dict(st)
-
-
-def split_evenly(total: int, n: int) -> list[int]:
-    """``total`` split into ``n`` integer shares that differ by at most one (larger shares first)."""
-    return [total // n + (1 if i < total % n else 0) for i in range(n)]
 
 
 @dataclass
@@ -73,6 +39,27 @@ class HeldoutActivations:
                                     for f in ("acts", "ids", "segments", "mask")))
 
 
+def _head(n_rows: int, n_parts: int) -> int:
+    """Rows each of ``n_parts`` parts contributes to a mix: the first 1/n_parts (at least one)."""
+    return max(1, math.ceil(n_rows / n_parts))
+
+
+def mix_heldout(parts: list[HeldoutActivations]) -> HeldoutActivations:
+    """The general held-out set: the first 1/n of every domain's sequences (about the size of one domain's set)."""
+    n = len(parts)
+    return HeldoutActivations.concat(*(
+        HeldoutActivations(*(getattr(p, f)[:_head(len(p.ids), n)] for f in ("acts", "ids", "segments", "mask")))
+        for p in parts))
+
+
+def mix_tokens(parts: list[tuple[torch.Tensor, torch.Tensor]]) -> tuple[torch.Tensor, torch.Tensor]:
+    """The general held-out token set: the first 1/n of every domain's (ids, segments) sequences."""
+    n = len(parts)
+    ids = torch.cat([p[0][:_head(len(p[0]), n)] for p in parts])
+    segs = torch.cat([p[1][:_head(len(p[1]), n)] for p in parts])
+    return ids, segs
+
+
 @torch.no_grad()
 def heldout_activations(lm, hook, ids: torch.Tensor, segs: torch.Tensor, batch_size: int = 8) -> HeldoutActivations:
     device = lm.device
@@ -87,14 +74,12 @@ def heldout_activations(lm, hook, ids: torch.Tensor, segs: torch.Tensor, batch_s
 def _read_prompts(path: str, n: int) -> list[str]:
     lines = [ln.strip() for ln in Path(path).read_text().splitlines() if ln.strip()]
     if not lines:
-        from ..config import ConfigError
         raise ConfigError(f"Prompt file {path} holds no prompts (one per line).")
     return lines[:n]
 
 
 def code_request_prompts(n: int) -> list[str]:
     """Code requests built from standard-library functions: "Write a Python function `name` that <docstring line>"."""
-    from ..data.sources import stdlib_files
     out: list[str] = []
     for path in stdlib_files():
         try:
@@ -114,7 +99,6 @@ def code_request_prompts(n: int) -> list[str]:
 
 def small_talk_prompts(n: int, chat_spec: str = "chat") -> list[str]:
     """First user messages of conversations in the chat corpus (short ones)."""
-    from ..data.sources import open_source
     out = []
     for doc in open_source(chat_spec):
         if doc.messages:
@@ -136,8 +120,6 @@ def prompt_sets(cfg) -> tuple[list[str], list[str]]:
 @torch.no_grad()
 def prompt_activations(lm, hook, prompts: list[str]) -> torch.Tensor:
     """[n, d]: per prompt, the mean activation over the user-content tokens of the chat-rendered prompt."""
-    from ..data.formatting import tokenize_document
-    from ..data.sources import Document
     rows = []
     for p in prompts:
         ids, segs = tokenize_document(Document(messages=[{"role": "user", "content": p}]), lm.tokenizer)

@@ -19,10 +19,14 @@ from typing import Optional
 
 from .config import StudyConfig
 
-DEFAULT_D_IN = 576          # SmolLM2-135M residual width: the offline default
-REFERENCE_SAE = 576 * 2304  # d_in * d_sae at which ``sae_tokens_per_s`` holds
+# The assumed throughputs were measured on the offline default (SmolLM2-135M, d_in 576, expansion 4); the estimate
+# scales them to the real sizes. Before the model is loaded (the plan printed first) d_in is not known yet and the
+# reference width stands in; once loaded, the study passes the real d_in and d_sae.
+REFERENCE_D_IN, REFERENCE_D_SAE = 576, 2304
+REFERENCE_SAE = REFERENCE_D_IN * REFERENCE_D_SAE  # d_in * d_sae at which ``sae_tokens_per_s`` holds
+DEFAULT_D_IN = REFERENCE_D_IN
 PROMPT_TOKENS = 40          # typical length of a chat-rendered prompt
-N_GENERATION_PROMPTS = 2
+N_GENERATION_PROMPTS = 2  # steered generations when generation_prompts is empty: the first prompts of set B
 
 
 @dataclass(frozen=True)
@@ -35,7 +39,7 @@ class Throughput:
     generate_seconds_per_token: float = 0.12  # one full forward on a chat prompt (no KV cache)
     load_seconds: float = 15.0
     run_overhead_seconds: float = 2.0         # per SAE training run: first buffer, scale estimate, saving
-    hungarian_seconds_at_reference: float = 0.5  # one 2304 x 2304 assignment
+    hungarian_seconds_at_reference: float = 0.5  # one REFERENCE_D_SAE x REFERENCE_D_SAE assignment
     source: str = "assumed (SmolLM2-135M on 2 CPU cores)"
 
     def sae_rate(self, d_in: int, d_sae: int) -> float:
@@ -116,7 +120,7 @@ def study_plan(cfg: StudyConfig, rates: Optional[Throughput] = None, d_in: Optio
     pairs = n_overlap_pairs(n)
     stages.append(Stage("overlap", f"{pairs} dictionary pairs: max-cosine both ways, Hungarian matching; drift; "
                                    f"domain-specific latents",
-                        seconds=pairs * r.hungarian_seconds_at_reference * (d_sae / 2304) ** 3 + 5.0))
+                        seconds=pairs * r.hungarian_seconds_at_reference * (d_sae / REFERENCE_D_SAE) ** 3 + 5.0))
 
     prompt_tokens = 2 * cfg.n_prompts * PROMPT_TOKENS
     stages.append(Stage("directions", f"difference of means of {cfg.n_prompts} + {cfg.n_prompts} prompts; capture "
@@ -125,7 +129,7 @@ def study_plan(cfg: StudyConfig, rates: Optional[Throughput] = None, d_in: Optio
 
     passes = 1 + n_dirs * n_strengths + (n_dirs - 1)  # clean, added at each strength, ablated (not random)
     steer_full = n * cfg.steering_tokens * passes
-    generated = N_GENERATION_PROMPTS * (1 + n_dirs * n_strengths) * cfg.generate_tokens
+    generated = (len(cfg.generation_prompts) or N_GENERATION_PROMPTS) * (1 + n_dirs * n_strengths) * cfg.generate_tokens
     stages.append(Stage("steering", f"{n_dirs} directions x {n_strengths} strengths: CE change on {n} domains "
                                     f"({cfg.steering_tokens:,} tokens each) and greedy generations",
                         {"full": steer_full, "generated": generated},
