@@ -32,7 +32,8 @@ _FORMAT = "domain-sae-residual-stack"
 
 
 class ResidualStackSAE(nn.Module):
-    """``base`` (frozen: its parameters get ``requires_grad=False``) followed by ``residual``; module docstring."""
+    """``base`` followed by ``residual`` (module docstring). The stack is for evaluation: it leaves both SAEs'
+    ``requires_grad`` as they are (the base may be shared, e.g. as the parent of fine-tuning runs)."""
 
     def __init__(self, base: nn.Module, residual: nn.Module):
         super().__init__()
@@ -41,8 +42,6 @@ class ResidualStackSAE(nn.Module):
                                         f"d_in={base.cfg.d_in}; train the residual SAE on the base SAE's hook.")
         self.base = base
         self.residual = residual
-        for p in self.base.parameters():
-            p.requires_grad_(False)
         meta = dict(base.cfg.metadata or {})
         meta["residual_stack"] = {"base_d_sae": int(base.cfg.d_sae), "residual_d_sae": int(residual.cfg.d_sae),
                                   "residual_metadata": dict(residual.cfg.metadata or {})}
