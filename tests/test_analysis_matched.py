@@ -117,3 +117,10 @@ def test_most_rotated():
     assert [r["latent"] for r in most_rotated(cos, 3, alive=alive)] == [1, 4, 2]
     assert np.isfinite([r["cosine"] for r in most_rotated(cos, 10, alive=alive)]).all()
     assert len(most_rotated(cos, 10, alive=alive)) == 4
+
+
+def test_gap_is_undefined_when_document_errors_swamp_it():
+    noisy = [RunPoint(p.condition, p.seed, p.l1, p.metrics, {"ev": 0.2}) for p in _points()]
+    curve = gap_curve(noisy, "general", "scratch", {1000: "ft@1000"}, "ev", 20.0)
+    assert not curve["budgets"][0]["defined"] and curve["smallest_budget"] is None
+    assert not matched_difference(noisy, "scratch", "general", "ev", 20.0)["is_difference"]

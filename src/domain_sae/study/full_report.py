@@ -135,8 +135,9 @@ def write_full_report(results: dict, out: Path) -> dict[str, Path]:
     lines = ["# The rigorous domain-SAE study", "", md_escape(results["question"]), "",
              f"Model `{results['model']}`; hooks {', '.join(f'`{h}`' for h in results['hooks'])}; seeds "
              f"{results['config']['seeds']}; L1 ladder {results['config']['l1_ladder']}; general mixture "
-             f"{results['config']['general_mix']} (token shares of every batch); wall-clock "
-             f"{results.get('timing_seconds', {}).get('total', 0) / 60:.1f} min.", ""]
+             f"{results['config']['general_mix']} (token shares of every batch); wall-clock of the run that "
+             f"finished each hook: " + ", ".join(f"`{h}` {sum(r.get('timing_seconds', {}).values()) / 60:.1f} min"
+                                                 for h, r in results["hooks"].items()) + ".", ""]
     for hook, hres in results["hooks"].items():
         lines += [f"## Hook `{hook}`", ""]
         for d, dom in hres["domains"].items():
