@@ -79,6 +79,16 @@ def test_code_probe_tokens_with_real_tokenizer(smol_tokenizer):
     assert flat_ids[:n].tolist() == smol_tokenizer(src, add_special_tokens=False)["input_ids"][:n]
 
 
+def test_code_probe_windows_per_document(smol_tokenizer):
+    src = "\n".join(f"x{i} = {i}  # n" for i in range(60))
+    all_ids, _ = code_probe_tokens([src], smol_tokenizer, 16, max_tokens=10_000, bos_id=None)
+    one, _ = code_probe_tokens([src], smol_tokenizer, 16, max_tokens=10_000, bos_id=None, windows_per_document=1)
+    three, _ = code_probe_tokens([src], smol_tokenizer, 16, max_tokens=10_000, bos_id=None, windows_per_document=3)
+    n = all_ids.shape[0]
+    assert torch.equal(one[0], all_ids[n // 2])                        # the middle window
+    assert torch.equal(three, all_ids[[0, round((n - 1) / 2), n - 1]])  # first, middle, last
+
+
 def test_chat_turn_labels():
     segs = torch.tensor([[SPECIAL, TEMPLATE, USER, USER, TEMPLATE, ASSISTANT, -1]], dtype=torch.int8)
     assert chat_turn_labels(segs).tolist() == [[-1, -1, 0, 0, -1, 1, -1]]

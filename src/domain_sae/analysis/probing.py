@@ -86,21 +86,34 @@ def label_tokens_by_chars(offsets: Sequence[Sequence[int]], char_labels: np.ndar
     return np.where(counts.max(axis=1) > 0, best, -1)
 
 
+def _spread(n: int, k: Optional[int]) -> list[int]:
+    """``k`` of ``range(n)`` evenly spread (all when k is None or >= n; the middle one when k == 1)."""
+    if k is None or k >= n:
+        return list(range(n))
+    if k == 1:
+        return [n // 2]
+    return sorted({round(i * (n - 1) / (k - 1)) for i in range(k)})
+
+
 def code_probe_tokens(texts: Sequence[str], tokenizer, context_size: int, *, max_tokens: int,
-                      bos_id: Optional[int] = None, pad_id: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+                      bos_id: Optional[int] = None, pad_id: int = 0, windows_per_document: Optional[int] = None
+                      ) -> tuple[torch.Tensor, torch.Tensor]:
     """Python sources -> ``(input_ids [N, context_size], labels [N, context_size])`` for the token-type probes.
 
     Each source is tokenized alone (no special tokens, with offsets), labelled by :func:`label_tokens_by_chars`
     over :func:`python_char_types`, and cut into windows of ``context_size - 1`` tokens, each preceded by
     ``bos_id`` (label -1; no BOS when None: windows of ``context_size``); the last window is padded with ``pad_id``
-    (label -1). Stops once ``max_tokens`` labelled tokens are collected."""
+    (label -1). ``windows_per_document`` keeps only that many windows of each source, evenly spread (one: the
+    middle window), so that a probing set spans many files instead of the first file's docstring. Stops once
+    ``max_tokens`` labelled tokens are collected."""
     width = context_size - (1 if bos_id is not None else 0)
     rows_ids, rows_lab, n_labelled = [], [], 0
     for text in texts:
         enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
         ids = np.asarray(enc["input_ids"], dtype=np.int64)
         labels = label_tokens_by_chars(enc["offset_mapping"], python_char_types(text), len(PY_TOKEN_TYPES))
-        for s in range(0, len(ids), width):
+        starts = list(range(0, len(ids), width))
+        for s in (starts[i] for i in _spread(len(starts), windows_per_document)):
             chunk_ids, chunk_lab = ids[s:s + width], labels[s:s + width]
             pad = width - len(chunk_ids)
             chunk_ids = np.concatenate([chunk_ids, np.full(pad, pad_id, dtype=np.int64)])

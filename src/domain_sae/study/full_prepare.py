@@ -82,9 +82,9 @@ def _build_cache(lm, hook, d_in: int, dcfg, path: Path, n_tokens: int, name: str
 
 def _code_probe(cfg: FullStudyConfig, lm, hook, dcfg) -> dict:
     texts = (d.text for d in open_source(PROBE_CODE_SPEC) if d.text and is_heldout(d, cfg.holdout_fraction))
-    ids, labels = code_probe_tokens(list(islice(texts, 200)), lm.tokenizer, cfg.context_size,
+    ids, labels = code_probe_tokens(list(islice(texts, 400)), lm.tokenizer, cfg.context_size,
                                     max_tokens=cfg.probe_tokens, bos_id=bos_token_id(lm.tokenizer),
-                                    pad_id=bos_token_id(lm.tokenizer) or 0)
+                                    pad_id=bos_token_id(lm.tokenizer) or 0, windows_per_document=1)
     acts = torch.cat([capture(lm.model, hook, ids[i:i + 8].to(lm.device)).float().cpu()
                       for i in range(0, len(ids), 8)])
     keep = labels >= 0
