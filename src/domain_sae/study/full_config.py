@@ -1,0 +1,120 @@
+"""Options of the rigorous study (`dsae compare configs/study_full.yaml`): the study's options plus the ladders that
+make its comparisons matched and its differences measurable.
+
+Per hook in ``hooks`` (one config, several depths), with S = ``seeds``, L = ``l1_ladder``, D = the domains and B =
+``budget_ladder``, the study trains from activation caches:
+
+- ``general``: on the general mixture ``general_mix`` (exact token shares of every batch), S x L SAEs;
+- ``<domain> scratch``: S x L per domain, ``scratch_tokens`` each (the reference a domain SAE reaches);
+- ``general→<domain> @ b``: the general SAE of the same seed and L1 coefficient fine-tuned on b tokens, S x L x B;
+- ``<domain> scratch @ b``: from scratch on b tokens (the token-matched baseline), S x L x B;
+- ``general+residual→<domain>``: the frozen general SAE plus a ``residual_d_sae``-latent SAE trained on the domain's
+  reconstruction error (one per seed, at the middle L1 coefficient).
+
+Every comparison is made at matched L0: each condition's L1 ladder gives one EV-vs-L0 and CE-score-vs-L0 frontier
+per seed, interpolated in log L0 inside the L0 range all compared frontiers cover (:mod:`domain_sae.analysis.stats`).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional
+
+from ..config import ConfigError, from_dict, load_config_file, opt
+from ..data.mixture import GENERAL_MIXTURE
+from .config import StudyConfig
+
+__all__ = ["FullStudyConfig", "load_full_config", "is_full_config"]
+
+FULL_ONLY = ("hooks", "seeds", "l1_ladder", "budget_ladder", "general_mix", "residual_d_sae", "residual_tokens",
+             "probe_tokens", "probe_ks", "ce_blocks", "n_l0_grid", "ce_for_budgets")
+
+
+@dataclass
+class FullStudyConfig(StudyConfig):
+    """The rigorous study: ladders of seeds, L1 coefficients and budgets at every hook of ``hooks``."""
+
+    hooks: list[str] = opt(["blocks.0.hook_mlp_out", "blocks.15.hook_resid_post"],
+                           "Hook points studied, each a complete study (layer 0 and a mid layer of SmolLM2).",
+                           group="model")
+    seeds: list[int] = opt([42, 43, 44], "Seeds of every condition (at least 2; 3 or more for error bars).",
+                           group="training")
+    l1_ladder: list[float] = opt([2.0, 5.0, 12.0], "L1 coefficients of every condition: one frontier point each "
+                                 "(at least 2, so metrics can be compared at matched L0).", group="training")
+    budget_ladder: list[int] = opt([10_000, 30_000, 100_000, 300_000, 1_000_000],
+                                   "Fine-tuning budgets of the gap-closed curve (and of the token-matched scratch "
+                                   "SAEs), log-spaced.", group="budget")
+    general_mix: dict = opt(dict(GENERAL_MIXTURE), "The general corpus: data spec or domain name -> weight "
+                            "(fraction of every training batch's tokens).", group="data")
+    residual_d_sae: int = opt(256, "Latents of the residual SAE trained on the general SAE's reconstruction error "
+                              "(baseline).", group="baselines")
+    residual_tokens: int = opt(200_000, "Training tokens of each residual SAE.", group="baselines")
+    probe_tokens: int = opt(8192, "Labelled held-out tokens per probing domain (code token types, chat turns).",
+                            group="analysis")
+    probe_ks: list[int] = opt([1, 2, 5, 20], "k of the k-sparse probes.", group="analysis")
+    ce_blocks: int = opt(4, "Blocks the CE evaluation tokens are split into for the per-document jackknife error "
+                         "of the CE-loss score (at least 2).", group="eval")
+    ce_for_budgets: bool = opt(True, "Also measure the CE-loss score (full model passes) of every budget SAE, for "
+                               "the CE gap-closed curve; off: EV only for budgets.", group="eval")
+    n_l0_grid: int = opt(3, "Matched L0 values (log-spaced over the common range) in the report's tables.",
+                         group="analysis")
+
+    def general_specs(self) -> dict[str, str]:
+        """name -> data spec of every general-mixture part (a domain name maps to the domain's spec)."""
+        return {name: self.domains.get(name, name) for name in self.general_mix}
+
+    def corpora(self) -> dict[str, str]:
+        """Every corpus that gets a cache: the domains, then the general-only parts (e.g. prose)."""
+        out = dict(self.domains)
+        for name, spec in self.general_specs().items():
+            out.setdefault(name, spec)
+        return out
+
+    @property
+    def middle_l1(self) -> float:
+        """The L1 coefficient of single-point analyses (residual SAEs, probing, overlap): the ladder's median."""
+        return sorted(self.l1_ladder)[len(self.l1_ladder) // 2]
+
+    def validate(self) -> "FullStudyConfig":
+        super().validate()
+
+        def need(cond: bool, msg: str) -> None:
+            if not cond:
+                raise ConfigError(msg)
+
+        need(len(self.hooks) >= 1 and all(isinstance(h, str) and h for h in self.hooks),
+             f"hooks must list at least one hook name; got {self.hooks!r}.")
+        need(len(set(self.seeds)) == len(self.seeds) >= 2, f"seeds must hold at least 2 distinct seeds (3 or more for "
+             f"error bars); got {self.seeds}.")
+        need(len(set(self.l1_ladder)) == len(self.l1_ladder) >= 2 and all(x > 0 for x in self.l1_ladder),
+             f"l1_ladder needs at least 2 distinct positive coefficients (one frontier point each); got "
+             f"{self.l1_ladder}.")
+        b = self.train_batch_size_tokens
+        need(len(self.budget_ladder) >= 2 and self.budget_ladder == sorted(set(self.budget_ladder))
+             and self.budget_ladder[0] >= b,
+             f"budget_ladder must be increasing, hold at least 2 budgets and start at one batch ({b}) or more; got "
+             f"{self.budget_ladder}.")
+        need(isinstance(self.general_mix, dict) and self.general_mix
+             and all(isinstance(w, (int, float)) and w > 0 for w in self.general_mix.values()),
+             f"general_mix maps data specs (or domain names) to positive weights; got {self.general_mix!r}.")
+        need(b >= len(self.general_mix), f"train_batch_size_tokens ({b}) is too small to split between "
+                                         f"{len(self.general_mix)} general-mixture parts.")
+        need(self.residual_d_sae > 0 and self.residual_tokens >= b, "residual_d_sae must be > 0 and residual_tokens "
+                                                                    "at least one batch.")
+        need(self.probe_tokens >= 64 and all(k >= 1 for k in self.probe_ks) and self.probe_ks,
+             "probe_tokens must be >= 64 and probe_ks positive.")
+        need(self.ce_blocks >= 2, "ce_blocks must be at least 2 (a jackknife needs two blocks).")
+        need(self.n_l0_grid >= 1, "n_l0_grid must be at least 1.")
+        return self
+
+
+def is_full_config(values: dict) -> bool:
+    """A config file asks for the rigorous study when it sets any of its own options."""
+    return any(k in values for k in FULL_ONLY)
+
+
+def load_full_config(path: Optional[str] = None, overrides: Optional[dict] = None) -> FullStudyConfig:
+    """defaults < file (YAML/TOML) < overrides; validated."""
+    values = load_config_file(path) if path else {}
+    values.update(overrides or {})
+    return from_dict(FullStudyConfig, values, source=str(path or "study options")).validate()

@@ -1,0 +1,108 @@
+"""The rigorous study: its run plan, config checks, the general mixture's exact token shares, the estimate, and
+(marked slow: about 10 minutes on 2 cores) the whole study end to end on a tiny model, then resumed."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from domain_sae.activations.cache import build_activation_cache
+from domain_sae.config import ConfigError
+from domain_sae.data.mixture import weighted_shares
+from domain_sae.study.config import GENERAL, scratch_name
+from domain_sae.study.full import full_estimate, run_full_study
+from domain_sae.study.full_config import FullStudyConfig, is_full_config
+from domain_sae.study.full_runs import budget_condition, general_source, plan_runs, residual_condition
+
+
+def _cfg(**kw) -> FullStudyConfig:
+    values = dict(model="tiny-llama", hooks=["blocks.1.hook_resid_post"], device="cpu", context_size=32,
+                  expansion_factor=2, train_batch_size_tokens=128, buffer_size_tokens=512, general_tokens=512,
+                  scratch_tokens=512, finetune_tokens=256, budgets=[128, 256], budget_ladder=[128, 256],
+                  seeds=[1, 2], l1_ladder=[0.5, 2.0], eval_tokens=64, recon_tokens=128, residual_d_sae=16,
+                  residual_tokens=256, probe_tokens=256, probe_ks=[1, 2], n_prompts=3)
+    values.update(kw)
+    return FullStudyConfig(**values).validate()
+
+
+def test_plan_runs_and_parents():
+    cfg = _cfg()
+    runs = plan_runs(cfg)
+    S, L, D, B = 2, 2, 2, 2
+    assert len(runs) == S * L + D * (S * L * (1 + 2 * B) + S)
+    assert len({r.dirname for r in runs}) == len(runs)
+    seen = set()
+    for r in runs:  # parents come first
+        p = r.parent(cfg)
+        assert p is None or p in seen
+        seen.add(r)
+    ft = [r for r in runs if r.condition == budget_condition("chat", 256)]
+    assert {(r.seed, r.l1) for r in ft} == {(s, l1) for s in (1, 2) for l1 in (0.5, 2.0)}
+    res = [r for r in runs if r.condition == residual_condition("code")]
+    assert {r.l1 for r in res} == {cfg.middle_l1} and len(res) == 2
+    assert sum(r.condition == scratch_name("chat") for r in runs) == S * L
+    assert cfg.corpora() == {"chat": "chat", "code": "code", "prose": "prose"}
+
+
+def test_config_checks():
+    for bad in (dict(seeds=[1]), dict(l1_ladder=[1.0]), dict(budget_ladder=[256, 128]), dict(ce_blocks=1),
+                dict(general_mix={"prose": 0}), dict(budget_ladder=[64, 256])):
+        with pytest.raises(ConfigError):
+            _cfg(**bad)
+    assert is_full_config({"seeds": [1, 2]}) and not is_full_config({"lr": 1e-3})
+
+
+def test_general_source_has_exact_token_shares(tmp_path):
+    cfg = _cfg()
+    caches = {}
+    for i, name in enumerate(cfg.general_mix):
+        def fn(ids, i=i):  # every activation of corpus i holds the value i
+            return torch.full((*ids.shape, 4), float(i))
+        stream = [(torch.arange(32), torch.ones(32, dtype=torch.int8)) for _ in range(64)]
+        caches[name] = build_activation_cache(fn, stream, tmp_path / name, 2048, d_in=4)
+    src = general_source(cfg, caches, seed=0)
+    shares = weighted_shares(cfg.train_batch_size_tokens, cfg.general_mix)
+    for _ in range(5):
+        batch = next(src)
+        assert batch.shape == (cfg.train_batch_size_tokens, 4)
+        for i, name in enumerate(cfg.general_mix):
+            assert int((batch[:, 0] == i).sum()) == shares[name]
+
+
+def test_estimate_counts_every_hook():
+    one = full_estimate(_cfg())
+    two = full_estimate(_cfg(hooks=["blocks.0.hook_mlp_out", "blocks.1.hook_resid_post"]))
+    assert one["runs_per_hook"] == len(plan_runs(_cfg())) and one["total_minutes"] > 0
+    assert two["total_minutes"] > one["total_minutes"]
+    deep = full_estimate(_cfg(hooks=["blocks.15.hook_resid_post"]))["hooks"]["blocks.15.hook_resid_post"]
+    shallow = two["hooks"]["blocks.0.hook_mlp_out"]
+    assert deep["caches"] > shallow["caches"]  # a deeper hook costs more of the model per cached token
+
+
+@pytest.mark.slow
+def test_full_study_end_to_end_and_resume(smol_tokenizer, tmp_path):
+    from conftest import make_tiny_model
+
+    from domain_sae.models.load import LoadedModel
+    torch.manual_seed(0)
+    lm = LoadedModel(model=make_tiny_model("llama"), tokenizer=smol_tokenizer, name="tiny-llama",
+                     source="in-process", family="llama")
+    cfg = _cfg(output_dir=str(tmp_path))
+    logs: list[str] = []
+    res = run_full_study(cfg, tmp_path, lm=lm, log=logs.append)
+    assert any("estimated total" in line for line in logs[:6])  # the plan and estimate come first
+    stored = json.loads((tmp_path / "results.json").read_text())
+    hook = stored["hooks"]["blocks.1.hook_resid_post"]
+    for d in ("chat", "code"):
+        ev = hook["domains"][d]["metrics"]["ev"]
+        assert ev["table"]["by_l0"] and GENERAL in ev["table"]["by_l0"][0]
+        assert len(ev["gap_finetuned"]["budgets"]) + len(ev["gap_finetuned"]["not_at_l0"]) == 2
+        assert "ce" in hook["domains"][d]["metrics"]
+    assert "general vs general (other seed)" in hook["overlap"]["pairs"]
+    assert set(hook["probing"]) == {"chat", "code"}
+    assert (tmp_path / "report.md").is_file() and res["report_md"].endswith("report.md")
+    logs.clear()
+    run_full_study(cfg, tmp_path, lm=lm, log=logs.append)  # resumed: nothing is trained again
+    assert not any("tokens in" in line for line in logs)
