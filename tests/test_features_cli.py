@@ -4,9 +4,13 @@ from __future__ import annotations
 
 import json
 
+import pytest
+
 from feature_helpers import TEXTS_A, TEXTS_B, make_sae
 
 from domain_sae.cli import main
+from domain_sae.errors import UserError
+from domain_sae.features.build import _prepare_out
 from domain_sae.features.store import FeatureStore
 
 
@@ -35,3 +39,11 @@ def test_cli_builds_store_and_exports(tmp_path, smol_tokenizer, capsys):
     assert (tmp_path / "site" / "feature" / "0" / "2.html").is_file()
     assert not (tmp_path / "site" / "feature" / "0" / "3.html").exists()
     assert main(["dashboard", str(tmp_path / "missing.sqlite")]) == 2
+
+
+def test_overwrite_never_replaces_a_file_that_is_not_a_store(tmp_path):
+    notes = tmp_path / "notes.sqlite"
+    notes.write_bytes(b"my notes, not a store")
+    with pytest.raises(UserError, match="not a domain-sae feature store"):
+        _prepare_out(notes, overwrite=True)
+    assert notes.read_bytes() == b"my notes, not a store"

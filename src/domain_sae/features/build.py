@@ -39,7 +39,7 @@ from .compare import write_comparisons
 from .detok import token_texts
 from .finalize import finalize_sae
 from .options import FeatureOptions
-from .schema import StoreError, create_schema, put_meta
+from .schema import FORMAT, StoreError, create_schema, put_meta
 
 __all__ = ["FeatureOptions", "build_feature_store", "predict_memory"]
 
@@ -145,11 +145,27 @@ def _data_cfg(meta: Mapping[str, Any], spec: str, overrides: Mapping[str, Any]):
     return dataclasses.replace(cfg, **values)
 
 
+def _is_feature_store(path: Path) -> bool:
+    """Whether ``path`` is an SQLite file whose meta table names our store format (finished or not)."""
+    try:
+        conn = sqlite3.connect(f"{path.resolve().as_uri()}?mode=ro", uri=True)
+        try:
+            fmt = dict(conn.execute("SELECT key, value FROM meta")).get("format")
+        finally:
+            conn.close()
+    except sqlite3.DatabaseError:
+        return False
+    return fmt is not None and json.loads(fmt) == FORMAT
+
+
 def _prepare_out(out: Path, overwrite: bool) -> None:
     if out.is_dir():
         raise UserError(f"{out} is a directory; give --out a file name for the store, e.g. {out / 'features.sqlite'}.")
     if out.exists() and not overwrite:
         raise UserError(f"{out} already exists; pass --overwrite to replace it, or choose another --out.")
+    if out.exists() and not _is_feature_store(out):
+        raise UserError(f"{out} exists and is not a domain-sae feature store; --overwrite replaces only a feature "
+                        f"store, never another file. Move it away or choose another --out.")
     out.parent.mkdir(parents=True, exist_ok=True)
     for stale in out.parent.glob(f"{out.name}.tmp-*"):  # left by a killed build
         shutil.rmtree(stale, ignore_errors=True)

@@ -94,6 +94,8 @@ class StudyConfig:
     generation_prompts: list[str] = opt([], "Prompts of the steered greedy generations; default: the first two "
                                         "prompts of set B.", group="analysis")
     generate_tokens: int = opt(20, "Greedy tokens per steered generation.", group="analysis")
+    feature_tokens: int = opt(4096, "Held-out tokens per domain for the feature store of the main SAEs (browse it "
+                              "with `dsae dashboard OUT/features.sqlite`); 0 skips the store.", group="analysis")
     output_dir: str = opt("demo_out/full", "Where the study writes its report.", group="output")
 
     @property

@@ -29,6 +29,7 @@ from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 from typing import Any, Callable, Optional
 
+from ..features import build_feature_store
 from . import measures, saes
 from .config import StudyConfig
 from .plan import ASSUMED, Throughput, estimate_minutes, format_plan, refine, remaining_seconds, study_plan
@@ -93,6 +94,7 @@ def run_study(cfg: StudyConfig, out_dir: Optional[str | Path] = None, *, lm: Any
         est.update(inp)
         steer = measures.steering(inp, trained, bud, dirs)
         est.update(inp)
+        store = feature_store(inp, trained)
     finally:
         if not keep_cache:
             shutil.rmtree(out / "cache", ignore_errors=True)
@@ -102,7 +104,7 @@ def run_study(cfg: StudyConfig, out_dir: Optional[str | Path] = None, *, lm: Any
         "config": {k: getattr(cfg, k) for k in cfg.__dataclass_fields__}, "domains": inp.domains,
         "estimate": estimate, "model": inp.model_json(), "data": data, "saes": trained.table, "matrix": mat.matrix,
         "recon": bud.recon, "budgets": bud.curves, "overlap": ovl.to_json(), "directions": dirs.to_json(),
-        "steering": steer.to_json(),
+        "steering": steer.to_json(), "feature_store": store,
         "stages": {k: v.to_json() for k, v in timer.records.items()},
         "timing_seconds": {**{k: v.seconds for k, v in timer.records.items()},
                            "total": round(time.monotonic() - t0, 1)},
@@ -110,6 +112,26 @@ def run_study(cfg: StudyConfig, out_dir: Optional[str | Path] = None, *, lm: Any
     paths = write_report(results, out)
     log(f"[study] done in {time.monotonic() - t0:.0f} s; report: {paths['report_html']}")
     return {**results, **{k: str(v) for k, v in paths.items()}}
+
+
+def feature_store(inp: StudyInputs, trained: saes.TrainedSAEs) -> Optional[dict]:
+    """Stage 8: the feature store of the main SAEs over ``feature_tokens`` held-out tokens of every domain (the same
+    held-out sequences as the matrix), at ``out/features.sqlite``; None when ``feature_tokens`` is 0."""
+    cfg = inp.cfg
+    if cfg.feature_tokens <= 0:
+        return None
+    path = inp.out / "features.sqlite"
+    specs = {d: str(spec) for d, spec in cfg.domains.items()}
+    heldout = {specs[d]: inp.heldout_tokens[d] for d in inp.domains}
+    n_tokens = cfg.feature_tokens
+    with inp.timer("features", f"feature store of {len(trained.saes)} SAEs on {n_tokens:,} held-out tokens of "
+                               f"each domain") as rec:
+        build_feature_store(list(trained.saes), list(heldout), n_tokens, path, lm=inp.lm,
+                            saes=list(trained.saes.values()), hook=cfg.hook, heldout=heldout, overwrite=True,
+                            write=inp.log)
+        rec.tokens = {"truncated": n_tokens * len(heldout)}
+    return {"path": path.name, "saes": list(trained.saes), "tokens_per_domain": n_tokens,
+            "command": f"dsae dashboard {path}"}
 
 
 def _versions() -> dict[str, str]:

@@ -194,6 +194,11 @@ def run_section(res: dict) -> list[Block]:
         Paragraph("Cached training tokens per domain: " + ", ".join(
             f"{k} {v:,}" for k, v in data.get("cache_tokens", {}).items()) + "."),
         Code(json.dumps(res["config"], indent=1))]
+    store = res.get("feature_store")
+    if store:
+        out.append(Paragraph(f"Feature store of the SAEs above ({store['tokens_per_domain']:,} held-out tokens per "
+                             f"domain): {store['path']} beside this report; browse it with `{store['command']}` "
+                             f"(feature, prompt and comparison pages)."))
     if res.get("versions"):
         out.append(Paragraph("Versions: " + ", ".join(f"{k} {v}" for k, v in res["versions"].items()) + "."))
     return out
