@@ -126,7 +126,8 @@ def sae_metadata(cfg: TrainConfig, lm_name: str) -> dict:
             "prepend_bos": cfg.prepend_bos, "dataset_path": cfg.data, "training_tokens": cfg.training_tokens,
             "exclude_special_tokens": cfg.exclude_special_tokens, "holdout_fraction": cfg.holdout_fraction,
             "max_rows": cfg.max_rows, "seed": cfg.seed, "deduplicate": cfg.deduplicate,
-            "heldout_split": HELDOUT_SPLIT_VERSION}
+            "heldout_split": HELDOUT_SPLIT_VERSION,
+            **({"activation_cache": str(cfg.activations)} if getattr(cfg, "activations", None) else {})}
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -150,7 +151,7 @@ def train(cfg: TrainConfig, *, lm=None, source=None, heldout=None, init_sae=None
     lm = lm or load_lm(cfg)
     hook = resolve_hook(lm.model, cfg.hook)
     d_in = hook_d_in(lm.model, hook)
-    if source is None:
+    if source is None and not cfg.activations:
         from .data.pipeline import check_context_size
         check_context_size(cfg, lm.model)
     run_dir = Path(run_dir) if run_dir else Path(cfg.output_dir) / (cfg.run_name or default_run_name(cfg, d_in))
@@ -206,6 +207,9 @@ def _prepare(cfg, lm, hook, d_in, source, heldout, init_sae, evaluator, *, resum
     """Source, evaluator, SAE (initialised unless resuming) and activation scale s."""
     from .sae.init import initialize
 
+    if source is None and cfg.activations:
+        from .activations.cache_source import open_training_cache
+        source = open_training_cache(cfg, model_name=lm.name, d_in=d_in)
     source = source if source is not None else live_activation_store(cfg, lm, hook, d_in)
     if evaluator is None:
         if heldout is not None and cfg.eval_every > 0:

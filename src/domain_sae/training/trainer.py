@@ -53,7 +53,7 @@ __all__ = ["Trainer", "TrainingInterrupted", "TrainingDivergedError", "check_div
 _TRACE_OPTIONS = ("training_tokens", "train_batch_size_tokens", "buffer_size_tokens", "lr", "lr_scheduler_name",
                   "lr_warm_up_steps", "lr_decay_steps", "lr_end", "l1_coefficient", "l1_warm_up_steps",
                   "adam_beta1", "adam_beta2", "grad_clip_norm", "seed", "normalize_sae_decoder", "data", "model",
-                  "hook", "context_size", "architecture", "k", "kernels", "autocast")
+                  "hook", "context_size", "architecture", "k", "kernels", "autocast", "activations")
 
 
 class TrainingInterrupted(KeyboardInterrupt):
