@@ -74,8 +74,10 @@ def check_cache_matches(manifest: dict, *, model: str, hook: str, d_in: int, con
                          f"--context-size) or build a cache for this config with dsae cache.")
 
 
-def open_training_cache(cfg, *, model_name: str, d_in: int, verify: bool = True) -> CachedActivationSource:
-    """The activation source of ``cfg.activations`` for a training run of ``cfg`` (checked as above)."""
+def open_training_cache(cfg, *, model_name: str, d_in: int, verify: bool = True,
+                        shard: tuple[int, int] = (0, 1)) -> CachedActivationSource:
+    """The activation source of ``cfg.activations`` for a training run of ``cfg`` (checked as above); with
+    ``shard=(r, W)``, rank r's contiguous slice, serving its ``1 / W`` of every batch and buffer."""
     path = resolve_cache(cfg.activations, cfg.hook)
     manifest = read_manifest(path)
     check_cache_matches(manifest, model=model_name, hook=cfg.hook, d_in=d_in, context_size=cfg.context_size,
@@ -91,5 +93,7 @@ def open_training_cache(cfg, *, model_name: str, d_in: int, verify: bool = True)
                          f"--tokens N).")
     if verify:
         verify_checksums(path, manifest)
-    return CachedActivationSource(path, batch_size=cfg.train_batch_size_tokens, buffer_tokens=cfg.buffer_size_tokens,
-                                  seed=cfg.seed, exclude_special=cfg.exclude_special_tokens)
+    world = int(shard[1])
+    return CachedActivationSource(path, batch_size=cfg.train_batch_size_tokens // world,
+                                  buffer_tokens=cfg.buffer_size_tokens // world, seed=cfg.seed,
+                                  exclude_special=cfg.exclude_special_tokens, shard=shard)
