@@ -2,12 +2,17 @@
 refusal of mismatched, unfinished and corrupt caches) and training from it (`--activations`)."""
 
 import json
+import os
 import shutil
+import socket
+import subprocess
+import sys
 
 import pytest
 import torch
 from safetensors.torch import load_file
 
+from conftest import make_tiny_model
 from domain_sae import pipeline
 from domain_sae.activations.cache import CacheError
 from domain_sae.activations.hook_cache import build_cache
@@ -143,3 +148,40 @@ def test_cli_cache_refuses_foreign_directories(tmp_path, capsys):
     (other / "notes.txt").write_text("keep")
     assert main(["cache", "--model", "tiny-llama", "--hook", H1, "--tokens", "10", "--out", str(other)]) == 2
     assert "not empty" in capsys.readouterr().err and (other / "notes.txt").read_text() == "keep"
+
+
+@pytest.fixture
+def tiny_model_dir(tmp_path, smol_tokenizer):
+    d = tmp_path / "tiny-model"
+    make_tiny_model("llama").save_pretrained(d)
+    smol_tokenizer.save_pretrained(d)
+    return d
+
+
+def test_cli_cache_then_train_from_it_and_under_torchrun(tmp_path, tiny_model_dir, capsys):
+    data = ["--model", str(tiny_model_dir), "--data", "code", "--max-rows", "40", "--context-size", "32"]
+    out = tmp_path / "cache"
+    assert main(["cache", *data, "--hook", H0, "--hook", H1, "--tokens", "1024", "--shard-tokens", "300",
+                 "--out", str(out), "--dtype", "bfloat16"]) == 0
+    assert "--activations" in capsys.readouterr().out
+    root = json.loads((out / "manifest.json").read_text())
+    assert root["complete"] and root["dtype"] == "bfloat16" and len(root["shards"]) >= 3
+    train = ["train", *data, "--hook", H1, "--training-tokens", "512", "--train-batch-size-tokens", "128",
+             "--buffer-size-tokens", "256", "--eval-every", "0", "--output-dir", str(tmp_path / "runs")]
+    assert main([*train, "--activations", str(out), "--run-name", "cached"]) == 0
+    assert (tmp_path / "runs" / "cached" / "sae" / "cfg.json").is_file()
+    # two data-parallel processes (gloo) on the live model: one run directory, written by rank 0
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+                           "--master_port", str(_free_port()), "-m", "domain_sae.cli", *train, "--run-name",
+                           "ddp", "--device", "cpu"], env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    recs = [json.loads(x) for x in (tmp_path / "runs" / "ddp" / "metrics.jsonl").read_text().splitlines()]
+    assert recs[-1]["details/n_training_tokens"] == 512
+    assert sorted(p.name for p in (tmp_path / "runs").iterdir()) == ["cached", "ddp"]
+
+
+def _free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
