@@ -198,17 +198,31 @@ def cmd_dashboard(ns) -> int:
 
 
 def cmd_train(ns) -> int:
-    from . import pipeline
+    from . import multirun, pipeline
     if ns.resume:
         given = {k for k, v in _overrides(ns, C.TrainConfig).items()}
         if given or ns.config:
             raise C.ConfigError("--resume takes its options from the run directory; drop the other options "
                                 f"({', '.join(sorted(given)) or '--config'}).")
+        if (Path(ns.resume) / multirun.MULTI_FILE).is_file():
+            return _print_many(multirun.resume_many(Path(ns.resume)))
         result = pipeline.resume(Path(ns.resume))
     else:
+        values = C.load_config_file(ns.config) if ns.config else {}
+        if "saes" in values:  # many SAEs from one model pass
+            saes = values.pop("saes")
+            values.update(_overrides(ns, C.TrainConfig))
+            cfg = C.from_dict(C.TrainConfig, values, source=ns.config)
+            return _print_many(multirun.train_many(cfg, saes))
         cfg = C.build_config(C.TrainConfig, config_file=ns.config, overrides=_overrides(ns, C.TrainConfig))
         result = pipeline.train(cfg)
     print(f"SAE saved to {result.sae_dir}")
+    return 0
+
+
+def _print_many(results) -> int:
+    for r in results:
+        print(f"SAE saved to {r.sae_dir}")
     return 0
 
 

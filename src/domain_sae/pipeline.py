@@ -368,3 +368,4 @@ def check_sae_source(source: str) -> None:
         hint = f" ({existing} exists, but nothing below it by that name)" if existing is not None else ""
         raise SAEFormatError(f"The SAE path {s} does not exist{hint}. Check the path (an SAE directory or a run "
                              f"directory, e.g. runs/NAME/sae); a SAELens release is written RELEASE/SAE_ID.")
+
