@@ -13,6 +13,7 @@ and final SAE.
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import torch
@@ -20,6 +21,7 @@ import torch
 from .config import ConfigError, TrainConfig, from_dict, to_dict
 from .pipeline import TrainResult, _make_trainer, _prepare, load_lm
 from .errors import RunDirError
+from .training import distributed
 from .rundir import check_run_dir, prepare_run_dir, read_status, remove_temporaries, write_status
 
 # Many SAEs from one model pass (a `saes:` list in the train config)
@@ -63,6 +65,9 @@ def train_many(cfg: TrainConfig, saes: list, *, lm=None, quiet: bool = False, re
     from .outdirs import prepare_output_dir
     from .training.multi import ColumnView, MultiTrainer
     cfg.validate()
+    if distributed.info().active or int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        raise ConfigError("A saes: list trains in one process; run it without torchrun (or train each SAE with "
+                          "its own torchrun dsae train).")
     if cfg.activations:
         raise ConfigError("A saes: list trains from the live model in one pass; drop activations (train each SAE "
                           "from the cache with its own dsae train --activations instead).")

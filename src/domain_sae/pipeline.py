@@ -276,8 +276,10 @@ def _prepare(cfg, lm, hook, d_in, source, heldout, init_sae, evaluator, *, resum
 def _make_trainer(run_dir, cfg, sae, source, evaluator, scale, *, quiet: bool = False):
     from .training.loggers import default_loggers
     from .training.trainer import Trainer
-    return Trainer(sae, cfg, source, run_dir, default_loggers(run_dir, cfg, console=False if quiet else None),
-                   evaluator=evaluator, activation_scale=scale, verbose=not quiet)
+    # the other ranks of a torchrun job log nothing (no metrics file, console line or W&B run of their own)
+    loggers = default_loggers(run_dir, cfg, console=False if quiet else None) if distributed.info().is_main else []
+    return Trainer(sae, cfg, source, run_dir, loggers, evaluator=evaluator, activation_scale=scale,
+                   verbose=not quiet)
 
 
 def _total_tokens(meta: dict) -> int:
