@@ -8,6 +8,7 @@
     dsae options  [train|eval|study]        print the option reference (Markdown)
     dsae features SAE_DIR [SAE_DIR ...] --data chat --data code [--tokens N] --out STORE
     dsae dashboard STORE [--port 8000] [--host 127.0.0.1] [--export DIR]
+    dsae cache    --model M --hook H [--hook H2] --data chat --tokens N --out DIR [--dtype float32|bfloat16]
 """
 
 from __future__ import annotations
@@ -105,6 +106,7 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--out", default=None, help="Output directory (default: demo_out).")
 
     _feature_parsers(sub)
+    _cache_parser(sub)
 
     opts = sub.add_parser("options", help="Print the option reference as Markdown.")
     opts.add_argument("which", nargs="?", default="train", choices=["train", "eval", "study"])
@@ -141,6 +143,39 @@ def _feature_parsers(sub) -> None:
     da.add_argument("--device", default="cpu")
 
 
+def _cache_parser(sub) -> None:
+    ca = sub.add_parser("cache", help="Cache a model's activations at one or more hooks over a dataset.",
+                        description="One model pass (stopped at the deepest hook) over the training split; "
+                                    "resumable shards with token ids, positions, segments and sha256 checksums. "
+                                    "Train from it with dsae train --activations OUT.")
+    ca.add_argument("--config", help="YAML or TOML file of data options (CLI flags override it).")
+    ca.add_argument("--hook", action="append", dest="hooks", metavar="HOOK", required=True,
+                    help="Hook point to cache (repeatable, e.g. --hook blocks.3.hook_resid_post --hook ...).")
+    ca.add_argument("--tokens", type=int, required=True, help="Kept token positions to cache.")
+    ca.add_argument("--out", required=True, help="Cache directory (an unfinished build there is continued).")
+    ca.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"],
+                    help="Storage dtype of the activations (default float32).")
+    ca.add_argument("--shard-tokens", type=int, default=None, help="Tokens per shard (default: about 256 MiB).")
+    ca.add_argument("--overwrite", action="store_true", help="Replace an existing cache at --out.")
+    C.add_arguments(ca, C.DataConfig, skip=("hook",))
+
+
+def cmd_cache(ns) -> int:
+    from .activations.hook_cache import build_cache
+    from .pipeline import load_lm
+    cfg = C.build_config(C.DataConfig, config_file=ns.config, overrides=_overrides(ns, C.DataConfig))
+    check_output_dir(Path(ns.out), "activation-cache", overwrite=ns.overwrite, option="--out")
+    lm = load_lm(cfg)
+
+    def progress(index: int, manifest: dict) -> None:
+        print(f"shard {index}: {manifest['n_tokens']}/{ns.tokens} tokens", file=sys.stderr, flush=True)
+
+    out = build_cache(lm, ns.hooks, cfg, Path(ns.out), ns.tokens, dtype=ns.dtype, shard_tokens=ns.shard_tokens,
+                      overwrite=ns.overwrite, on_shard=progress)
+    print(f"Activation cache: {out}. Train from it with: dsae train --activations {out} --hook HOOK ...")
+    return 0
+
+
 def cmd_features(ns) -> int:
     from .features.build import build_feature_store
     from .features.options import FeatureOptions
@@ -163,17 +198,31 @@ def cmd_dashboard(ns) -> int:
 
 
 def cmd_train(ns) -> int:
-    from . import pipeline
+    from . import multirun, pipeline
     if ns.resume:
         given = {k for k, v in _overrides(ns, C.TrainConfig).items()}
         if given or ns.config:
             raise C.ConfigError("--resume takes its options from the run directory; drop the other options "
                                 f"({', '.join(sorted(given)) or '--config'}).")
+        if (Path(ns.resume) / multirun.MULTI_FILE).is_file():
+            return _print_many(multirun.resume_many(Path(ns.resume)))
         result = pipeline.resume(Path(ns.resume))
     else:
+        values = C.load_config_file(ns.config) if ns.config else {}
+        if "saes" in values:  # many SAEs from one model pass
+            saes = values.pop("saes")
+            values.update(_overrides(ns, C.TrainConfig))
+            cfg = C.from_dict(C.TrainConfig, values, source=ns.config)
+            return _print_many(multirun.train_many(cfg, saes))
         cfg = C.build_config(C.TrainConfig, config_file=ns.config, overrides=_overrides(ns, C.TrainConfig))
         result = pipeline.train(cfg)
     print(f"SAE saved to {result.sae_dir}")
+    return 0
+
+
+def _print_many(results) -> int:
+    for r in results:
+        print(f"SAE saved to {r.sae_dir}")
     return 0
 
 
@@ -257,7 +306,8 @@ def cmd_options(ns) -> int:
 
 
 COMMANDS = {"train": cmd_train, "finetune": cmd_finetune, "eval": cmd_eval, "compare": cmd_compare,
-            "demo": cmd_demo, "options": cmd_options, "features": cmd_features, "dashboard": cmd_dashboard}
+            "demo": cmd_demo, "options": cmd_options, "features": cmd_features, "dashboard": cmd_dashboard,
+            "cache": cmd_cache}
 
 
 def main(argv: Optional[list[str]] = None) -> int:

@@ -160,6 +160,11 @@ class TrainConfig(FastPathConfig, ArchitectureConfig, DataConfig, SAEConfig):
     overwrite: bool = opt(False, "Replace an existing domain-sae run directory (a different or complete run); any "
                           "other non-empty directory is refused.", group="logging")
 
+    activations: Optional[str] = opt(None, "Train from an activation cache built by dsae cache (CACHE, or "
+                                     "CACHE/HOOK when it holds several hooks) instead of the live model; it must "
+                                     "match model, hook, d_in and context_size. The model still serves held-out "
+                                     "evaluation.", group="data")
+
     # --- fine-tuning (dsae finetune) -------------------------------------------------------------------------
     from_sae: Optional[str] = opt(None, "Fine-tune: start from this SAE (our directory, a SAELens directory, or a "
                                   "SAELens release/hub path).", group="finetune", cli="--from")

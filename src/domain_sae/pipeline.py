@@ -32,6 +32,7 @@ from .data.splits import SPLIT_VERSION as HELDOUT_SPLIT_VERSION
 from .errors import RunDirError
 from .outdirs import check_not_file
 from .rundir import STATUS_FILE  # noqa: F401 (re-exported)
+from .training import distributed
 from .rundir import (CONFIG_FILE, check_run_dir, load_run_config, prepare_run_dir, process_alive, read_status,
                      remove_temporaries, running_error, write_status)
 
@@ -62,7 +63,7 @@ def default_run_name(cfg: TrainConfig, d_in: Optional[int] = None) -> str:
 def load_lm(cfg) -> Any:
     from .models.load import load_model, resolve_device
     dtype = getattr(torch, cfg.model_dtype)
-    return load_model(cfg.model, device=resolve_device(cfg.device), dtype=dtype)
+    return load_model(cfg.model, device=distributed.local_device(resolve_device(cfg.device)), dtype=dtype)
 
 
 def live_activation_store(cfg: TrainConfig, lm, hook, d_in: int):
@@ -73,12 +74,15 @@ def live_activation_store(cfg: TrainConfig, lm, hook, d_in: int):
 
     device = next(lm.model.parameters()).device
     stream = TokenStream(cfg, lm.tokenizer, split="train", repeat=True)
+    d = distributed.info()
+    if d.active:  # rank r reads sequences r, r + W, ... and fills its share of every global batch
+        stream = distributed.ShardedStream(stream, d.rank, d.world_size)
 
     def activation_fn(input_ids: torch.Tensor) -> torch.Tensor:
         return capture(lm.model, hook, input_ids.to(device)).float()
 
-    return ActivationStore(activation_fn, stream, d_in=d_in, batch_size=cfg.train_batch_size_tokens,
-                           buffer_tokens=cfg.buffer_size_tokens, model_batch_size=cfg.model_batch_size,
+    return ActivationStore(activation_fn, stream, d_in=d_in, batch_size=cfg.train_batch_size_tokens // d.world_size,
+                           buffer_tokens=cfg.buffer_size_tokens // d.world_size, model_batch_size=cfg.model_batch_size,
                            exclude_special=cfg.exclude_special_tokens, seed=cfg.seed, device="cpu")
 
 
@@ -93,11 +97,14 @@ def heldout_evaluator(cfg: TrainConfig, lm, hook):
 
 
 def activation_scale(sample: torch.Tensor) -> float:
-    """s = sqrt(d_in) / E||x||_2 (SPEC 1, expected_average_only_in)."""
+    """s = sqrt(d_in) / E||x||_2 (SPEC 1, expected_average_only_in); with several ranks the mean is over the
+    first buffers of all of them."""
     norms = sample.double().norm(dim=-1)
-    if norms.numel() == 0 or float(norms.mean()) == 0.0:
+    total = distributed.all_reduce_sum(torch.stack([norms.sum(), torch.tensor(float(norms.numel()),
+                                                                               dtype=torch.float64)]))
+    if float(total[1]) == 0 or float(total[0]) == 0.0:
         raise ConfigError("Cannot estimate the activation scale: the first buffer is empty or all-zero.")
-    return float(math.sqrt(sample.shape[-1]) / norms.mean())
+    return float(math.sqrt(sample.shape[-1]) / (total[0] / total[1]))
 
 
 def new_sae(cfg: TrainConfig, d_in: int, metadata: dict):
@@ -126,7 +133,8 @@ def sae_metadata(cfg: TrainConfig, lm_name: str) -> dict:
             "prepend_bos": cfg.prepend_bos, "dataset_path": cfg.data, "training_tokens": cfg.training_tokens,
             "exclude_special_tokens": cfg.exclude_special_tokens, "holdout_fraction": cfg.holdout_fraction,
             "max_rows": cfg.max_rows, "seed": cfg.seed, "deduplicate": cfg.deduplicate,
-            "heldout_split": HELDOUT_SPLIT_VERSION}
+            "heldout_split": HELDOUT_SPLIT_VERSION,
+            **({"activation_cache": str(cfg.activations)} if getattr(cfg, "activations", None) else {})}
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -141,16 +149,19 @@ def train(cfg: TrainConfig, *, lm=None, source=None, heldout=None, init_sae=None
     """
     cfg.validate()
     from .models.hooks import hook_d_in, resolve_hook
+    main = _init_distributed(cfg).is_main
 
     # Output locations are checked before the model loads (a bad --output-dir / --run-name fails in a second).
-    if run_dir is not None or cfg.run_name:
+    if not main:
+        pass  # rank 0 checks and prepares the run directory
+    elif run_dir is not None or cfg.run_name:
         check_run_dir(Path(run_dir) if run_dir else Path(cfg.output_dir) / cfg.run_name, cfg)
     else:
         check_not_file(cfg.output_dir, "--output-dir")
     lm = lm or load_lm(cfg)
     hook = resolve_hook(lm.model, cfg.hook)
     d_in = hook_d_in(lm.model, hook)
-    if source is None:
+    if source is None and not cfg.activations:
         from .data.pipeline import check_context_size
         check_context_size(cfg, lm.model)
     run_dir = Path(run_dir) if run_dir else Path(cfg.output_dir) / (cfg.run_name or default_run_name(cfg, d_in))
@@ -161,6 +172,9 @@ def train(cfg: TrainConfig, *, lm=None, source=None, heldout=None, init_sae=None
     # Everything that can fail on bad input (data source, columns, empty split, scale estimate) runs before the
     # run directory exists, so a bad invocation leaves nothing behind.
     parts = _prepare(cfg, lm, hook, d_in, source, heldout, init_sae, evaluator, resuming=False)
+    if not main:  # the other ranks of a torchrun job train in lock step and write nothing
+        trainer = _make_trainer(run_dir, cfg, *parts, quiet=True)
+        return TrainResult(run_dir=run_dir, sae_dir=run_dir / "sae", sae=None, summary=trainer.train())
     fresh = prepare_run_dir(run_dir, cfg) != "restart"  # a restarted directory may hold files of the user's
     try:
         trainer = _make_trainer(run_dir, cfg, *parts, quiet=quiet)
@@ -176,6 +190,16 @@ def train(cfg: TrainConfig, *, lm=None, source=None, heldout=None, init_sae=None
     remove_temporaries(run_dir)
     write_status(run_dir, "complete")
     return TrainResult(run_dir=run_dir, sae_dir=run_dir / "sae", sae=trainer.final_sae(), summary=summary)
+
+
+def _init_distributed(cfg):
+    """Join the torchrun process group (no-op for one process); batch and buffer are split evenly over ranks."""
+    d = distributed.init_from_env()
+    for name in ("train_batch_size_tokens", "buffer_size_tokens"):
+        if getattr(cfg, name) % d.world_size:
+            raise ConfigError(f"{name} ({getattr(cfg, name)}) must be divisible by the number of processes "
+                              f"({d.world_size}): each rank takes an equal share of every batch.")
+    return d
 
 
 def _load_parent_optimizer(trainer, source: Optional[str]) -> None:
@@ -206,8 +230,12 @@ def _prepare(cfg, lm, hook, d_in, source, heldout, init_sae, evaluator, *, resum
     """Source, evaluator, SAE (initialised unless resuming) and activation scale s."""
     from .sae.init import initialize
 
+    if source is None and cfg.activations:
+        from .activations.cache_source import open_training_cache
+        d = distributed.info()
+        source = open_training_cache(cfg, model_name=lm.name, d_in=d_in, shard=(d.rank, d.world_size))
     source = source if source is not None else live_activation_store(cfg, lm, hook, d_in)
-    if evaluator is None:
+    if evaluator is None and distributed.info().is_main:
         if heldout is not None and cfg.eval_every > 0:
             from .evaluation.runner import make_evaluator
             evaluator = make_evaluator(lm, hook, *heldout, exclude_special=cfg.exclude_special_tokens)
@@ -248,8 +276,10 @@ def _prepare(cfg, lm, hook, d_in, source, heldout, init_sae, evaluator, *, resum
 def _make_trainer(run_dir, cfg, sae, source, evaluator, scale, *, quiet: bool = False):
     from .training.loggers import default_loggers
     from .training.trainer import Trainer
-    return Trainer(sae, cfg, source, run_dir, default_loggers(run_dir, cfg, console=False if quiet else None),
-                   evaluator=evaluator, activation_scale=scale, verbose=not quiet)
+    # the other ranks of a torchrun job log nothing (no metrics file, console line or W&B run of their own)
+    loggers = default_loggers(run_dir, cfg, console=False if quiet else None) if distributed.info().is_main else []
+    return Trainer(sae, cfg, source, run_dir, loggers, evaluator=evaluator, activation_scale=scale,
+                   verbose=not quiet)
 
 
 def _total_tokens(meta: dict) -> int:
@@ -268,6 +298,7 @@ def resume(run_dir: Path, *, lm=None, source=None, evaluator=None) -> TrainResul
     if run_dir.is_file():
         raise RunDirError(f"{run_dir} is a file, not a run directory; pass the run's directory to --resume.")
     cfg = load_run_config(run_dir)
+    main = _init_distributed(cfg).is_main
     status = read_status(run_dir)
     if status.get("state") == "complete":
         raise RunDirError(f"Run {run_dir} is already complete; nothing to resume (its SAE is in {run_dir / 'sae'}).")
@@ -275,13 +306,15 @@ def resume(run_dir: Path, *, lm=None, source=None, evaluator=None) -> TrainResul
     if alive is not False:
         raise running_error(run_dir, status, alive)
     ckpt = latest_checkpoint(run_dir)
+    distributed.barrier()  # every rank has read the status and the checkpoint before rank 0 writes
     if ckpt is None:  # stopped before its first checkpoint: nothing to continue, so it simply starts again
         print(f"Run {run_dir} stopped before its first checkpoint; starting it again from step 0 with its saved "
               f"options.", file=sys.stderr, flush=True)
         cfg.overwrite = False
         again = finetune if cfg.from_sae else train
         return again(cfg, lm=lm, source=source, evaluator=evaluator, run_dir=run_dir)
-    remove_temporaries(run_dir)
+    if main:
+        remove_temporaries(run_dir)
     lm = lm or load_lm(cfg)
     hook = resolve_hook(lm.model, cfg.hook)
     d_in = hook_d_in(lm.model, hook)
@@ -290,6 +323,10 @@ def resume(run_dir: Path, *, lm=None, source=None, evaluator=None) -> TrainResul
         from .sae.io import load_sae
         init_sae = load_sae(cfg.from_sae)
     parts = _prepare(cfg, lm, hook, d_in, source, None, init_sae, evaluator, resuming=True)
+    if not main:
+        trainer = _make_trainer(run_dir, cfg, *parts, quiet=True)
+        trainer.load_checkpoint(ckpt)
+        return TrainResult(run_dir=run_dir, sae_dir=run_dir / "sae", sae=None, summary=trainer.train())
     write_status(run_dir, "running")
     try:
         trainer = _make_trainer(run_dir, cfg, *parts)
@@ -333,3 +370,4 @@ def check_sae_source(source: str) -> None:
         hint = f" ({existing} exists, but nothing below it by that name)" if existing is not None else ""
         raise SAEFormatError(f"The SAE path {s} does not exist{hint}. Check the path (an SAE directory or a run "
                              f"directory, e.g. runs/NAME/sae); a SAELens release is written RELEASE/SAE_ID.")
+

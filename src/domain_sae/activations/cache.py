@@ -151,13 +151,15 @@ class CachedActivationSource(ShuffleBufferSource):
     in order until ``buffer_tokens`` are kept, shuffles them with a generator seeded by ``(seed, refill_index)``
     and serves whole batches (the leftover ``n mod batch_size`` are dropped). ``exclude_special=True`` on a cache
     built with special tokens filters them at read time; ``None`` keeps what the cache holds. ``repeat=True``
-    wraps around at the end of the cache (epochs) instead of stopping.
+    wraps around at the end of the cache (epochs) instead of stopping. ``shard=(r, W)`` serves only the
+    contiguous slice ``[r N / W, (r + 1) N / W)`` of the cache's N positions (rank r of W data-parallel ranks).
     """
 
     _cursor_key = "positions_before_refill"
 
     def __init__(self, path: str | Path, *, batch_size: int, buffer_tokens: int, seed: int = 0,
-                 device: str | torch.device = "cpu", exclude_special: Optional[bool] = None, repeat: bool = False):
+                 device: str | torch.device = "cpu", exclude_special: Optional[bool] = None, repeat: bool = False,
+                 shard: tuple[int, int] = (0, 1)):
         super().__init__(batch_size=batch_size, buffer_tokens=buffer_tokens, seed=seed, device=device)
         self.path = Path(path)
         self.manifest = read_manifest(self.path)
@@ -167,7 +169,10 @@ class CachedActivationSource(ShuffleBufferSource):
         self._filter_special = bool(exclude_special) and not self.manifest["exclude_special"]
         self.repeat = bool(repeat)
         self.d_in = int(self.manifest["d_in"])
-        self.n_tokens = int(self.manifest["n_tokens"])
+        rank, world = int(shard[0]), int(shard[1])
+        total = int(self.manifest["n_tokens"])
+        self._base = rank * total // world
+        self.n_tokens = (rank + 1) * total // world - self._base
         self.metadata = self.manifest.get("metadata", {})
         self._ends = np.cumsum([s["n_tokens"] for s in self.manifest["shards"]])
 
@@ -211,7 +216,7 @@ class CachedActivationSource(ShuffleBufferSource):
                 break
             want = self.buffer_tokens - n_kept
             stop = min(self.n_tokens, offset + want)
-            acts, segs = self._read_range(offset, stop)
+            acts, segs = self._read_range(self._base + offset, self._base + stop)
             self._cursor += stop - offset
             n_read += stop - offset
             if self._filter_special:

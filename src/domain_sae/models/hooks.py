@@ -32,7 +32,7 @@ from __future__ import annotations
 
 import difflib
 import re
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
 from typing import Callable, Iterator, Literal, Optional
 
@@ -317,6 +317,37 @@ def capture(model: nn.Module, hook: HookPoint, input_ids: torch.Tensor,
     if "a" not in store:
         raise HookError(f"Hook '{hook.name}' ({hook.module_path}) was never reached during the forward pass.")
     return store["a"]
+
+
+@torch.no_grad()
+def capture_many(model: nn.Module, hooks: "list[HookPoint]", input_ids: torch.Tensor,
+                 attention_mask: Optional[torch.Tensor] = None) -> dict[str, torch.Tensor]:
+    """Activations at several hooks ``{hook.name: [B, T, d]}`` from ONE forward pass, without gradients, stopped
+    as soon as the last of them (the deepest) has been reached. Every activation but the last is cloned, so
+    in-place operations of later layers cannot change it."""
+    store: dict[str, torch.Tensor] = {}
+    wanted = {h.name for h in hooks}
+
+    def grabber(name: str):
+        def grab(a: torch.Tensor):
+            store[name] = a.detach()
+            if wanted.issubset(store):
+                raise _StopForward
+            store[name] = store[name].clone()
+            return None
+        return grab
+
+    with ExitStack() as stack:
+        for h in hooks:
+            stack.enter_context(_hooked(model, h, grabber(h.name)))
+        try:
+            _call(model, input_ids, attention_mask)
+        except _StopForward:
+            pass
+    missing = sorted(wanted - set(store))
+    if missing:
+        raise HookError(f"Hook(s) {', '.join(missing)} were never reached during the forward pass.")
+    return store
 
 
 @torch.no_grad()

@@ -40,7 +40,7 @@ from ..evaluation.metrics import ReconstructionAccumulator
 from ..markdown import escape_markdown
 from ..sae.base import SAE, LossOutput
 from . import checkpoint as ckpt
-from . import fastpath
+from . import distributed, fastpath
 from .loggers import METRICS_FILE, JSONLLogger, Logger, MultiLogger
 from .plots import last_values, plot_training_curves, summary_table
 from .schedules import l1_at, lr_at
@@ -53,7 +53,7 @@ __all__ = ["Trainer", "TrainingInterrupted", "TrainingDivergedError", "check_div
 _TRACE_OPTIONS = ("training_tokens", "train_batch_size_tokens", "buffer_size_tokens", "lr", "lr_scheduler_name",
                   "lr_warm_up_steps", "lr_decay_steps", "lr_end", "l1_coefficient", "l1_warm_up_steps",
                   "adam_beta1", "adam_beta2", "grad_clip_norm", "seed", "normalize_sae_decoder", "data", "model",
-                  "hook", "context_size", "architecture", "k", "kernels", "autocast")
+                  "hook", "context_size", "architecture", "k", "kernels", "autocast", "activations")
 
 
 class TrainingInterrupted(KeyboardInterrupt):
@@ -124,6 +124,10 @@ class Trainer:
         self.cfg = cfg
         self.source = source
         self.run_dir = Path(run_dir)
+        self.dist = distributed.info()  # several ranks (torchrun): gradients averaged, only rank 0 writes
+        distributed.broadcast_parameters(sae)
+        if not self.dist.is_main:
+            loggers, evaluator = [], None
         if isinstance(loggers, MultiLogger):
             self.loggers = loggers
         else:
@@ -175,10 +179,12 @@ class Trainer:
         with fastpath.autocast_context(cfg, self.device):
             out: LossOutput = self._loss(x, l1, dead_mask=dead, n_dead=self._n_dead if dead is not None else None)
         if sync:
-            self._loss_ref = check_divergence(out.total, self._loss_ref, step=self.step + 1,
+            total = distributed.all_reduce_sum(out.total.detach()) / self.dist.world_size
+            self._loss_ref = check_divergence(total, self._loss_ref, step=self.step + 1,
                                               total_steps=self.total_steps, lr=lr, l1=l1, run_dir=self.run_dir)
         self.optimizer.zero_grad(set_to_none=True)
         out.total.backward()
+        distributed.average_gradients(self.sae.parameters())
         if cfg.normalize_sae_decoder:
             self.sae.remove_gradient_parallel_to_decoder_directions()
         if cfg.grad_clip_norm and cfg.grad_clip_norm > 0:
@@ -186,7 +192,7 @@ class Trainer:
         self.optimizer.step()
         if cfg.normalize_sae_decoder:
             self.sae.set_decoder_norm_to_unit_norm()
-        self.tracker.update_counts(out.fired_counts(), x.shape[0])
+        self.tracker.update_counts(distributed.all_reduce_sum(out.fired_counts()), x.shape[0] * self.dist.world_size)
         return x, out, lr, l1
 
     def _log(self, x, out, lr: float, l1: float) -> dict:
@@ -230,9 +236,13 @@ class Trainer:
         def write_sae(tmp: Path) -> None:
             self.folded_copy().save(tmp / "sae", sparsity=self.tracker.log10_density())
 
+        sources = distributed.all_gather_objects(self.source.state_dict())  # every rank's data position
         state = {"step": self.step, "tokens": self.tokens, "activation_scale": self.activation_scale,
-                 "total_steps": self.total_steps, "source": self.source.state_dict(), "config": self._config_dict(),
-                 "trainer": {"n_logs": self.n_logs, "train_seconds": self.train_seconds}}
+                 "total_steps": self.total_steps, "source": sources[0], "config": self._config_dict(),
+                 "trainer": {"n_logs": self.n_logs, "train_seconds": self.train_seconds},
+                 **({"source_ranks": sources} if self.dist.active else {})}
+        if not self.dist.is_main:
+            return ckpt.checkpoint_dir(self.run_dir, self.step, kind)
         path = ckpt.save_checkpoint(ckpt.checkpoint_dir(self.run_dir, self.step, kind),
                                     sae_state=self.sae.state_dict(), optimizer_state=self.optimizer.state_dict(),
                                     sparsity_state=self.tracker.state_dict(), state=state,
@@ -256,7 +266,7 @@ class Trainer:
         self.sae.load_state_dict(c.sae_state)
         self.optimizer.load_state_dict(c.optimizer_state)
         self.tracker.load_state_dict(c.sparsity_state)
-        self.source.load_state_dict(c.state["source"])
+        self.source.load_state_dict(distributed.rank_state(c.state, self.dist))
         ckpt.restore_rng_state(c.rng_state)
         self.step, self.tokens = int(c.state["step"]), int(c.state["tokens"])
         self.activation_scale = float(c.state["activation_scale"])
@@ -265,7 +275,8 @@ class Trainer:
         self.loggers.resume(self.step, self.tokens)
         self.records = [r for r in self._log_records() if r.get("step", 0) <= self.step]
         self.resumed_from = Path(path)
-        ckpt.cleanup_incomplete(self.run_dir)
+        if self.dist.is_main:
+            ckpt.cleanup_incomplete(self.run_dir)
         return self.step
 
     def resume(self, run_dir: Optional[str | Path] = None) -> int:
@@ -292,8 +303,9 @@ class Trainer:
     def train(self) -> dict:
         """Run to ``cfg.total_steps``; returns the summary dict (also written to summary.json / summary.md)."""
         cfg = self.cfg
-        self.run_dir.mkdir(parents=True, exist_ok=True)
-        if self.resumed_from is None and self.step == 0:
+        if self.dist.is_main:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+        if self.resumed_from is None and self.step == 0 and self.dist.is_main:
             ckpt.cleanup_incomplete(self.run_dir)
             self.loggers.resume(0, 0)  # fresh run: drop stale records
         old_handler = None
@@ -307,7 +319,7 @@ class Trainer:
                 batch = self._next_batch()
                 x, out, lr, l1 = self._train_step(batch)
                 self.step += 1
-                self.tokens += batch.shape[0]
+                self.tokens += batch.shape[0] * self.dist.world_size
                 if self.step % cfg.log_every == 0 or self.step == self.total_steps:
                     self._log(x.detach(), out, lr, l1)
                 del x, out
@@ -316,10 +328,10 @@ class Trainer:
                     self.save_checkpoint("step")
                     last_resume_ckpt = time.monotonic()
                 elif (cfg.resume_checkpoint_minutes > 0 and self.step < self.total_steps
-                      and time.monotonic() - last_resume_ckpt >= 60.0 * cfg.resume_checkpoint_minutes):
+                      and self._agreed(time.monotonic() - last_resume_ckpt >= 60.0 * cfg.resume_checkpoint_minutes)):
                     self.save_checkpoint("resume")
                     last_resume_ckpt = time.monotonic()
-                if self._interrupted and self.step < self.total_steps:
+                if self._agreed(self._interrupted) and self.step < self.total_steps:
                     path = self.save_checkpoint("resume")
                     msg = (f"Training interrupted after step {self.step}/{self.total_steps} ({self.tokens:,} tokens). "
                            f"Checkpoint written to {path}. Resume with: dsae train --resume {self.run_dir}")
@@ -333,8 +345,18 @@ class Trainer:
             self.loggers.close()
         return summary
 
+    def _agreed(self, flag: bool) -> bool:
+        """``flag`` (from a clock or a signal); with several ranks, rank 0's value, taken at log steps only."""
+        if not self.dist.active:
+            return flag
+        return self.step % self.cfg.log_every == 0 and distributed.broadcast_flag(flag)
+
     def _finish(self, session_seconds: float, session_steps: int) -> dict:
         final = self.folded_copy()
+        if not self.dist.is_main:  # the other ranks only take part in the final checkpoint's gather
+            self._final_sae = final
+            self.save_checkpoint("step", with_sae=False)
+            return {"steps": self.step, "training_tokens": self.tokens, "rank": self.dist.rank}
         if not all(bool(torch.isfinite(p).all()) for p in final.parameters()):  # the last update blew up
             check_divergence(torch.tensor(float("nan")), self._loss_ref, step=self.step, total_steps=self.total_steps,
                              lr=lr_at(self.step - 1, self.cfg), l1=l1_at(self.step - 1, self.cfg),
