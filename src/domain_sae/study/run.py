@@ -122,8 +122,12 @@ def feature_store(inp: StudyInputs, trained: saes.TrainedSAEs) -> Optional[dict]
         return None
     path = inp.out / "features.sqlite"
     specs = {d: str(spec) for d, spec in cfg.domains.items()}
-    heldout = {specs[d]: inp.heldout_tokens[d] for d in inp.domains}
     n_tokens = cfg.feature_tokens
+    heldout = {}
+    for d in inp.domains:  # the first n_tokens of the held-out sequences the matrix used
+        ids, segs = inp.heldout_tokens[d]
+        n_seq = max(1, -(-n_tokens // int(ids.shape[1])))
+        heldout[specs[d]] = (ids[:n_seq], segs[:n_seq])
     with inp.timer("features", f"feature store of {len(trained.saes)} SAEs on {n_tokens:,} held-out tokens of "
                                f"each domain") as rec:
         build_feature_store(list(trained.saes), list(heldout), n_tokens, path, lm=inp.lm,
