@@ -52,7 +52,6 @@ def _ours(name: str, x: torch.Tensor, a, tmp: str):
 
 
 def _saelens(name: str, x: torch.Tensor, a):
-    from sae_lens.saes.sae import TrainStepInput
     if name == "saelens-standard":
         from sae_lens.saes.standard_sae import StandardTrainingSAE, StandardTrainingSAEConfig
         sae = StandardTrainingSAE(StandardTrainingSAEConfig(d_in=x.shape[1], d_sae=a.d_sae, l1_coefficient=5.0,
@@ -63,12 +62,19 @@ def _saelens(name: str, x: torch.Tensor, a):
         sae = TopKTrainingSAE(TopKTrainingSAEConfig(d_in=x.shape[1], d_sae=a.d_sae, k=a.k, dtype="float32",
                                                     device=a.device))
         coef = {}
-    opt = torch.optim.Adam(sae.parameters(), lr=1e-3)
-    dead = torch.zeros(a.d_sae, dtype=torch.bool, device=x.device)
+    return saelens_train_step(sae, x, coef, torch.zeros(a.d_sae, dtype=torch.bool, device=x.device), lr=1e-3)
+
+
+def saelens_train_step(sae, x: torch.Tensor, coefficients: dict, dead_mask, *, lr: float):
+    """One SAELens training step as a closure: training_forward_pass, backward, clip at 1.0, Adam (shared by the
+    benchmarks that time SAELens)."""
+    from sae_lens.saes.sae import TrainStepInput
+    opt = torch.optim.Adam(sae.parameters(), lr=lr)
 
     def step():
-        out = sae.training_forward_pass(TrainStepInput(sae_in=x, coefficients=coef, dead_neuron_mask=dead,
-                                                       n_training_steps=0, is_logging_step=False))
+        out = sae.training_forward_pass(TrainStepInput(sae_in=x, coefficients=coefficients,
+                                                       dead_neuron_mask=dead_mask, n_training_steps=0,
+                                                       is_logging_step=False))
         opt.zero_grad()
         out.loss.backward()
         torch.nn.utils.clip_grad_norm_(sae.parameters(), 1.0)

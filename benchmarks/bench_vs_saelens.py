@@ -17,6 +17,7 @@ import time
 from pathlib import Path
 
 import torch
+from bench_sae_step import saelens_train_step  # same folder (run as a script)
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))
@@ -32,20 +33,10 @@ def time_steps(step, steps: int) -> float:
 
 
 def saelens_step(x: torch.Tensor, d_sae: int, lr: float, l1: float):
-    from sae_lens.saes.sae import TrainStepInput
     from sae_lens.saes.standard_sae import StandardTrainingSAE, StandardTrainingSAEConfig
     sae = StandardTrainingSAE(StandardTrainingSAEConfig(d_in=x.shape[1], d_sae=d_sae, l1_coefficient=l1,
                                                         dtype="float32", device="cpu"))
-    opt = torch.optim.Adam(sae.parameters(), lr=lr)
-
-    def step():
-        out = sae.training_forward_pass(TrainStepInput(sae_in=x, coefficients={"l1": l1}, dead_neuron_mask=None,
-                                                       n_training_steps=0, is_logging_step=False))
-        opt.zero_grad()
-        out.loss.backward()
-        torch.nn.utils.clip_grad_norm_(sae.parameters(), 1.0)
-        opt.step()
-    return step
+    return saelens_train_step(sae, x, {"l1": l1}, None, lr=lr)
 
 
 def our_step(x: torch.Tensor, d_sae: int, lr: float, l1: float, tmp: str):
