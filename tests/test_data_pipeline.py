@@ -13,6 +13,8 @@ from itertools import islice
 import pytest
 import torch
 
+from data_helpers import make_texts, write_jsonl
+
 from domain_sae.config import DataConfig
 from domain_sae.data.formatting import tokenize_document
 from domain_sae.data.packing import pack
@@ -22,17 +24,6 @@ from domain_sae.data.sampling import document_priority
 from domain_sae.data.splits import document_digest, heldout_score, is_heldout
 from domain_sae.data.pipeline import TokenStream, check_context_size, heldout_batch
 
-WORDS = "alpha beta gamma delta epsilon zeta eta theta iota kappa lambda mu nu xi omicron pi rho sigma".split()
-
-
-def make_texts(n: int):
-    return [f"Document {i}: " + " ".join(WORDS[(i * 7 + j) % len(WORDS)] for j in range(5 + i % 11))
-            for i in range(n)]
-
-
-def write_jsonl(path, texts):
-    path.write_text("".join(json.dumps({"text": t}) + "\n" for t in texts))
-    return str(path)
 
 
 @pytest.fixture

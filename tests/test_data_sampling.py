@@ -6,12 +6,13 @@ removed (counted) and always on the same side of the split as their original."""
 from __future__ import annotations
 
 import hashlib
-import json
 import math
 import struct
 
 import pytest
 import torch
+
+from data_helpers import make_texts, write_jsonl
 
 from domain_sae.config import DataConfig
 from domain_sae.data.formatting import tokenize_document
@@ -21,17 +22,6 @@ from domain_sae.data.segments import PAD, SPECIAL
 from domain_sae.data.sources import Document
 from domain_sae.data.splits import document_digest, is_heldout
 
-WORDS = "alpha beta gamma delta epsilon zeta eta theta iota kappa lambda mu nu xi omicron pi rho sigma".split()
-
-
-def make_texts(n: int):
-    return [f"Document {i}: " + " ".join(WORDS[(i * 7 + j) % len(WORDS)] for j in range(5 + i % 11))
-            for i in range(n)]
-
-
-def write_jsonl(path, texts):
-    path.write_text("".join(json.dumps({"text": t}) + "\n" for t in texts))
-    return str(path)
 
 
 def cfg_for(spec, **kw):
