@@ -72,9 +72,9 @@ def test_gap_curve_skips_budgets_off_the_range_and_undefined_gaps():
     pts = [p for p in _points() if not (p.condition == "ft@1000" and p.metrics["l0"] < 30)]
     curve = gap_curve(pts, "general", "scratch", {1000: "ft@1000", 10000: "ft@10000"}, "ev", 20.0)
     assert [m["budget"] for m in curve["not_at_l0"]] == [1000] and len(curve["budgets"]) == 1
-    flat = [RunPoint("scratch" if p.condition == "general" else p.condition, p.seed, p.l1, p.metrics, p.se)
+    flat = [RunPoint("scratch" if p.condition == "general" else p.condition, p.seed, p.sparsity, p.metrics, p.se)
             for p in _points() if p.condition != "scratch"]
-    flat += [RunPoint("general", p.seed, p.l1, p.metrics, p.se) for p in _points() if p.condition == "general"]
+    flat += [RunPoint("general", p.seed, p.sparsity, p.metrics, p.se) for p in _points() if p.condition == "general"]
     curve = gap_curve(flat, "general", "scratch", {1000: "ft@1000"}, "ev", 20.0)
     assert curve["smallest_budget"] is None and "seed spread" in curve["why_no_budget"]
 
@@ -120,7 +120,7 @@ def test_most_rotated():
 
 
 def test_gap_is_undefined_when_document_errors_swamp_it():
-    noisy = [RunPoint(p.condition, p.seed, p.l1, p.metrics, {"ev": 0.2}) for p in _points()]
+    noisy = [RunPoint(p.condition, p.seed, p.sparsity, p.metrics, {"ev": 0.2}) for p in _points()]
     curve = gap_curve(noisy, "general", "scratch", {1000: "ft@1000"}, "ev", 20.0)
     assert not curve["budgets"][0]["defined"] and curve["smallest_budget"] is None
     assert not matched_difference(noisy, "scratch", "general", "ev", 20.0)["is_difference"]

@@ -14,7 +14,8 @@ from domain_sae.data.mixture import weighted_shares
 from domain_sae.study.config import GENERAL, scratch_name
 from domain_sae.study.full import full_estimate, run_full_study
 from domain_sae.study.full_config import FullStudyConfig, is_full_config
-from domain_sae.study.full_runs import budget_condition, general_source, plan_runs, residual_condition
+from domain_sae.study.full_runs import (SAEStore, budget_condition, general_source, plan_runs, residual_condition,
+                                        spec_of)
 
 
 def _cfg(**kw) -> FullStudyConfig:
@@ -39,9 +40,9 @@ def test_plan_runs_and_parents():
         assert p is None or p in seen
         seen.add(r)
     ft = [r for r in runs if r.condition == budget_condition("chat", 256)]
-    assert {(r.seed, r.l1) for r in ft} == {(s, l1) for s in (1, 2) for l1 in (0.5, 2.0)}
+    assert {(r.seed, r.sparsity) for r in ft} == {(s, l1) for s in (1, 2) for l1 in (0.5, 2.0)}
     res = [r for r in runs if r.condition == residual_condition("code")]
-    assert {r.l1 for r in res} == {cfg.middle_l1} and len(res) == 2
+    assert {r.sparsity for r in res} == {cfg.residual_sparsity} == {cfg.middle_sparsity} and len(res) == 2
     assert sum(r.condition == scratch_name("chat") for r in runs) == S * L
     assert cfg.corpora() == {"chat": "chat", "code": "code", "prose": "prose"}
 
@@ -52,6 +53,49 @@ def test_config_checks():
         with pytest.raises(ConfigError):
             _cfg(**bad)
     assert is_full_config({"seeds": [1, 2]}) and not is_full_config({"lr": 1e-3})
+
+
+def test_topk_study_varies_k_not_l1():
+    cfg = _cfg(architecture="topk", k_ladder=[4, 8, 16])
+    assert cfg.sparsity_knob == "k" and cfg.sparsity_ladder == [4, 8, 16] and cfg.middle_sparsity == 8
+    runs = plan_runs(cfg)
+    assert {r.sparsity for r in runs if r.kind == "scratch"} == {4, 8, 16}
+    assert all("_k_" in r.dirname and "_l1_" not in r.dirname for r in runs)
+    assert {r.sparsity for r in runs if r.kind == "residual"} == {4}  # stack L0 2 x 4 inside [4, 16]
+    assert cfg.with_sparsity(16).k == 16 and cfg.with_sparsity(16).l1_coefficient == cfg.l1_coefficient
+    assert _cfg().with_sparsity(3.0).l1_coefficient == 3.0  # ReLU: the ladder is the L1 coefficient
+    for bad in (dict(k_ladder=[8]), dict(k_ladder=[8, 8]), dict(k_ladder=[0, 8])):
+        with pytest.raises(ConfigError, match="k_ladder"):
+            _cfg(architecture="topk", **bad)
+    with pytest.raises(ConfigError, match="architecture"):
+        _cfg(architecture="matryoshka")
+
+
+def _caches(cfg, tmp_path, d_in=4):
+    """A cache per general-mix corpus; every activation of corpus i is i + noise."""
+    caches = {}
+    for i, name in enumerate(cfg.general_mix):
+        gen = torch.Generator().manual_seed(i)
+
+        def fn(ids, i=i, gen=gen):
+            return float(i) + torch.randn((*ids.shape, d_in), generator=gen)
+        stream = [(torch.arange(32), torch.ones(32, dtype=torch.int8)) for _ in range(64)]
+        caches[name] = build_activation_cache(fn, stream, tmp_path / name, 2048, d_in=d_in)
+    return caches
+
+
+def test_topk_study_run_trains_a_topk_sae_at_the_ladder_k(tiny_lm, tmp_path):
+    cfg = _cfg(architecture="topk", k_ladder=[2, 3], hooks=["blocks.0.hook_resid_post"])
+    caches = _caches(cfg, tmp_path, d_in=tiny_lm.model.config.hidden_size)
+    store = SAEStore(cfg, cfg.hooks[0], tmp_path / "out", caches, tiny_lm, None, log=lambda _: None)
+    spec = spec_of(cfg, "scratch", "chat", 1, sparsity=2)
+    sae = store.get(spec)
+    assert sae.cfg.architecture == "topk" and sae.cfg.k == 2
+    z = sae.encode(torch.randn(64, sae.cfg.d_in))
+    assert int((z > 0).sum(-1).max()) <= 2  # TopK: at most k latents per token
+    assert store.is_done(spec) and store.trained_now == 1
+    ft = store.get(spec_of(cfg, "finetuned", "chat", 1, budget=128, sparsity=3))  # trains its general parent too
+    assert ft.cfg.k == 3 and store.trained_now == 3
 
 
 def test_general_source_has_exact_token_shares(tmp_path):

@@ -33,13 +33,13 @@ __all__ = ["RunPoint", "frontiers_by_seed", "matched_summary", "matched_differen
 class RunPoint:
     condition: str
     seed: int
-    l1: float
+    sparsity: float  # the run's L1 coefficient, or k for the TopK family
     metrics: Mapping[str, float]
     se: Mapping[str, float] = field(default_factory=dict)
 
 
 def frontiers_by_seed(points: Iterable[RunPoint], condition: str, metric: str) -> list[Frontier]:
-    """One frontier per seed of ``condition`` for ``metric`` (points: their L1 ladder)."""
+    """One frontier per seed of ``condition`` for ``metric`` (points: their sparsity ladder)."""
     by_seed: dict[int, list[RunPoint]] = {}
     for p in points:
         if p.condition == condition:

@@ -64,6 +64,8 @@ class StudyConfig:
     finetune_lr: float = opt(1e-3, "Learning rate when fine-tuning the general SAE (fresh optimizer; the "
                              "schedule of every SAE is given by study_schedule).", group="training")
     l1_coefficient: float = inherit(TrainConfig, "l1_coefficient")
+    architecture: str = inherit(TrainConfig, "architecture")
+    k: int = inherit(TrainConfig, "k")
     general_tokens: int = opt(400_000, "Training tokens of the general SAE (equal shares of every domain) and of "
                               "its seed control.", group="budget")
     scratch_tokens: int = opt(400_000, "Training tokens of each domain SAE trained from scratch.", group="budget")

@@ -68,7 +68,8 @@ def full_estimate(cfg: FullStudyConfig, rates: Throughput = ASSUMED, d_in: int =
 
 
 def format_full_plan(cfg: FullStudyConfig, est: dict) -> str:
-    lines = [f"[study] rigorous study: hooks {cfg.hooks}, seeds {cfg.seeds}, L1 ladder {cfg.l1_ladder}, budgets "
+    lines = [f"[study] rigorous study: hooks {cfg.hooks}, seeds {cfg.seeds}, {cfg.architecture} SAEs, "
+             f"{cfg.knob_label} ladder {cfg.sparsity_ladder}, budgets "
              f"{cfg.budget_ladder}, general mixture {cfg.general_mix}",
              f"[study] {est['runs_per_hook']} SAEs per hook ({est['sae_tokens_per_hook']:,} SAE training tokens)"]
     for hook, secs in est["hooks"].items():
@@ -110,7 +111,7 @@ def _hook_study(cfg: FullStudyConfig, hook: str, out: Path, lm: Any, log: Callab
     dens = {}
     for d in cfg.domains:
         hb_spec = next(r for r in runs if r.kind == "finetuned" and r.domain == d and r.seed == cfg.seeds[0]
-                       and r.l1 == cfg.middle_l1 and r.budget == res["domains"][d]["headline_budget"])
+                       and r.sparsity == cfg.middle_sparsity and r.budget == res["domains"][d]["headline_budget"])
         dens[d] = _density(store.get(hb_spec), inp.held[d].flat)
     res["overlap"] = overlap_findings(cfg, store, dens)
     res["probing"] = probing_findings(cfg, store, inp.probes)

@@ -17,7 +17,7 @@ from ..analysis.probing import PY_TOKEN_TYPES, CHAT_ROLES, probe_all
 from ..analysis.stats import ExtrapolationError, common_l0_range, seed_summary
 from .config import GENERAL, scratch_name
 from .full_config import FullStudyConfig
-from .full_runs import RunSpec, SAEStore, budget_condition, residual_condition, scratch_budget_condition
+from .full_runs import SAEStore, budget_condition, residual_condition, scratch_budget_condition, spec_of
 
 __all__ = ["METRICS", "headline_budget", "middle_l0", "domain_findings", "overlap_findings", "probing_findings"]
 
@@ -113,19 +113,20 @@ def _residual(points: list[RunPoint], d: str, metric: str) -> dict:
 
 
 def overlap_findings(cfg: FullStudyConfig, store: SAEStore, densities: dict[str, torch.Tensor]) -> dict:
-    """Seed control (general seed 1 vs seed 2), general vs scratch and vs its fine-tune, at the middle L1; decoder
-    rotation of every fine-tuned latent (headline budget), the most-rotated alive ones listed."""
-    l1, s0, s1 = cfg.middle_l1, cfg.seeds[0], cfg.seeds[1]
-    gen = store.get(RunSpec(GENERAL, "general", None, cfg.general_tokens, s0, l1))
-    ctrl = store.get(RunSpec(GENERAL, "general", None, cfg.general_tokens, s1, l1))
+    """Seed control (general seed 1 vs seed 2), general vs scratch and vs its fine-tune, at the middle of the
+    sparsity ladder; decoder rotation of every fine-tuned latent (headline budget), the most-rotated alive ones
+    listed."""
+    s0, s1 = cfg.seeds[0], cfg.seeds[1]
+    gen = store.get(spec_of(cfg, "general", None, s0))
+    ctrl = store.get(spec_of(cfg, "general", None, s1))
     thr = cfg.match_threshold
-    out: dict = {"threshold": thr, "l1": l1,
+    out: dict = {"threshold": thr, cfg.sparsity_knob: cfg.middle_sparsity,
                  "pairs": {"general vs general (other seed)": _pair(gen, ctrl, thr)}, "rotation": {}}
     hb = headline_budget(cfg)
     for d in cfg.domains:
-        sc = store.get(RunSpec(scratch_name(d), "scratch", d, cfg.scratch_tokens, s0, l1))
-        sc2 = store.get(RunSpec(scratch_name(d), "scratch", d, cfg.scratch_tokens, s1, l1))
-        ft = store.get(RunSpec(budget_condition(d, hb), "finetuned", d, hb, s0, l1, hb))
+        sc = store.get(spec_of(cfg, "scratch", d, s0))
+        sc2 = store.get(spec_of(cfg, "scratch", d, s1))
+        ft = store.get(spec_of(cfg, "finetuned", d, s0, budget=hb))
         out["pairs"][f"{d} scratch vs {d} scratch (other seed)"] = _pair(sc, sc2, thr)
         out["pairs"][f"general vs {d} scratch"] = _pair(gen, sc, thr)
         out["pairs"][f"general vs general→{d} @ {hb}"] = _pair(gen, ft, thr)
@@ -146,15 +147,15 @@ def _pair(a, b, thr: float) -> dict:
 
 
 def probing_findings(cfg: FullStudyConfig, store: SAEStore, probes: dict[str, dict]) -> dict:
-    """k-sparse probes with the general, scratch and fine-tuned SAEs (seed 1, middle L1) on each probing set."""
-    l1, s0, hb = cfg.middle_l1, cfg.seeds[0], headline_budget(cfg)
+    """k-sparse probes with the general, scratch and fine-tuned SAEs (seed 1, middle of the sparsity ladder) on each
+    probing set."""
+    s0, hb = cfg.seeds[0], headline_budget(cfg)
     out: dict = {}
     for d, data in probes.items():
         encoders = {
-            GENERAL: store.get(RunSpec(GENERAL, "general", None, cfg.general_tokens, s0, l1)).encode,
-            scratch_name(d): store.get(RunSpec(scratch_name(d), "scratch", d, cfg.scratch_tokens, s0, l1)).encode,
-            budget_condition(d, hb): store.get(RunSpec(budget_condition(d, hb), "finetuned", d, hb, s0, l1,
-                                                       hb)).encode}
+            GENERAL: store.get(spec_of(cfg, "general", None, s0)).encode,
+            scratch_name(d): store.get(spec_of(cfg, "scratch", d, s0)).encode,
+            budget_condition(d, hb): store.get(spec_of(cfg, "finetuned", d, s0, budget=hb)).encode}
         names, one_vs_rest = (PY_TOKEN_TYPES, True) if d == "code" else (CHAT_ROLES, False)
         with torch.no_grad():
             out[d] = probe_all(data["acts"], data["labels"], names, encoders, one_vs_rest=one_vs_rest,

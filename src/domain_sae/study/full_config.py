@@ -1,33 +1,40 @@
 """Options of the rigorous study (`dsae compare configs/study_full.yaml`): the study's options plus the ladders that
 make its comparisons matched and its differences measurable.
 
-Per hook in ``hooks`` (one config, several depths), with S = ``seeds``, L = ``l1_ladder``, D = the domains and B =
-``budget_ladder``, the study trains from activation caches:
+Per hook in ``hooks`` (one config, several depths), with S = ``seeds``, L = the sparsity ladder (``l1_ladder`` for
+ReLU + L1 and JumpReLU SAEs, ``k_ladder`` for the TopK family: ``architecture`` topk or batchtopk), D = the domains
+and B = ``budget_ladder``, the study trains from activation caches:
 
 - ``general``: on the general mixture ``general_mix`` (exact token shares of every batch), S x L SAEs;
 - ``<domain> scratch``: S x L per domain, ``scratch_tokens`` each (the reference a domain SAE reaches);
-- ``general→<domain> @ b``: the general SAE of the same seed and L1 coefficient fine-tuned on b tokens, S x L x B;
+- ``general→<domain> @ b``: the general SAE of the same seed and sparsity fine-tuned on b tokens, S x L x B;
 - ``<domain> scratch @ b``: from scratch on b tokens (the token-matched baseline), S x L x B;
 - ``general+residual→<domain>``: the frozen general SAE plus a ``residual_d_sae``-latent SAE trained on the domain's
-  reconstruction error (one per seed, at the middle L1 coefficient).
+  reconstruction error (one per seed, at ``residual_sparsity``).
 
-Every comparison is made at matched L0: each condition's L1 ladder gives one EV-vs-L0 and CE-score-vs-L0 frontier
-per seed, interpolated in log L0 inside the L0 range all compared frontiers cover (:mod:`domain_sae.analysis.stats`).
+Every comparison is made at matched L0: each condition's sparsity ladder gives one EV-vs-L0 and CE-score-vs-L0
+frontier per seed, interpolated in log L0 inside the L0 range all compared frontiers cover
+(:mod:`domain_sae.analysis.stats`). With TopK SAEs the L0 of every run is its k, so conditions are compared at
+exactly the same k (the interpolation is then the identity at the ladder's k values).
 """
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
-from typing import Optional
+from typing import Any, Optional
 
 from ..config import ConfigError, from_dict, load_config_file, opt
 from ..data.mixture import GENERAL_MIXTURE
 from .config import StudyConfig
 
-__all__ = ["FullStudyConfig", "load_full_config", "is_full_config"]
+__all__ = ["FullStudyConfig", "load_full_config", "is_full_config", "STUDY_ARCHITECTURES", "K_ARCHITECTURES"]
 
-FULL_ONLY = ("hooks", "seeds", "l1_ladder", "budget_ladder", "general_mix", "residual_d_sae", "residual_tokens",
-             "probe_tokens", "probe_ks", "ce_blocks", "n_l0_grid", "ce_for_budgets")
+K_ARCHITECTURES = ("topk", "batchtopk")               # sparsity set by k: every condition compared at the same k
+STUDY_ARCHITECTURES = ("standard", "jumprelu") + K_ARCHITECTURES
+
+FULL_ONLY = ("hooks", "seeds", "l1_ladder", "k_ladder", "budget_ladder", "general_mix", "residual_d_sae",
+             "residual_tokens", "probe_tokens", "probe_ks", "ce_blocks", "n_l0_grid", "ce_for_budgets")
 
 
 @dataclass
@@ -40,7 +47,10 @@ class FullStudyConfig(StudyConfig):
     seeds: list[int] = opt([42, 43, 44], "Seeds of every condition (at least 2; 3 or more for error bars).",
                            group="training")
     l1_ladder: list[float] = opt([2.0, 5.0, 12.0], "L1 coefficients of every condition: one frontier point each "
-                                 "(at least 2, so metrics can be compared at matched L0).", group="training")
+                                 "(at least 2, so metrics can be compared at matched L0); architectures standard "
+                                 "and jumprelu.", group="training")
+    k_ladder: list[int] = opt([16, 32, 64], "k of every condition when architecture is topk or batchtopk: one "
+                              "frontier point each, every condition at the same k (at least 2).", group="training")
     budget_ladder: list[int] = opt([10_000, 30_000, 100_000, 300_000, 1_000_000],
                                    "Fine-tuning budgets of the gap-closed curve (and of the token-matched scratch "
                                    "SAEs), log-spaced.", group="budget")
@@ -71,9 +81,35 @@ class FullStudyConfig(StudyConfig):
         return out
 
     @property
-    def middle_l1(self) -> float:
-        """The L1 coefficient of single-point analyses (residual SAEs, probing, overlap): the ladder's median."""
-        return sorted(self.l1_ladder)[len(self.l1_ladder) // 2]
+    def sparsity_knob(self) -> str:
+        """What the sparsity ladder varies: ``k`` (TopK family) or ``l1`` (the L1 / sparsity coefficient)."""
+        return "k" if self.architecture in K_ARCHITECTURES else "l1"
+
+    @property
+    def knob_label(self) -> str:
+        return "k" if self.sparsity_knob == "k" else "L1"
+
+    @property
+    def sparsity_ladder(self) -> list[float]:
+        return list(self.k_ladder) if self.sparsity_knob == "k" else list(self.l1_ladder)
+
+    @property
+    def middle_sparsity(self) -> float:
+        """The sparsity of single-point analyses (residual SAEs, probing, overlap): the ladder's median."""
+        ladder = sorted(self.sparsity_ladder)
+        return ladder[len(ladder) // 2]
+
+    @property
+    def residual_sparsity(self) -> float:
+        """The sparsity of the residual baseline (its general parent and the residual SAE both): the ladder's
+        middle L1 coefficient; for the TopK family the smallest k, so that the stack's L0 (2 k) stays inside the
+        ladder's L0 range when the ladder spans a factor 2 or more."""
+        return min(self.sparsity_ladder) if self.sparsity_knob == "k" else self.middle_sparsity
+
+    def with_sparsity(self, x: float, **changes: Any) -> "FullStudyConfig":
+        """This config with the ladder's knob set to ``x`` (``k`` or ``l1_coefficient``) and ``changes``."""
+        knob = {"k": int(x)} if self.sparsity_knob == "k" else {"l1_coefficient": float(x)}
+        return dataclasses.replace(self, **knob, **changes)
 
     def validate(self) -> "FullStudyConfig":
         super().validate()
@@ -86,9 +122,17 @@ class FullStudyConfig(StudyConfig):
              f"hooks must list at least one hook name; got {self.hooks!r}.")
         need(len(set(self.seeds)) == len(self.seeds) >= 2, f"seeds must hold at least 2 distinct seeds (3 or more for "
              f"error bars); got {self.seeds}.")
-        need(len(set(self.l1_ladder)) == len(self.l1_ladder) >= 2 and all(x > 0 for x in self.l1_ladder),
-             f"l1_ladder needs at least 2 distinct positive coefficients (one frontier point each); got "
-             f"{self.l1_ladder}.")
+        need(self.architecture in STUDY_ARCHITECTURES, f"the rigorous study trains architecture "
+             f"{' | '.join(STUDY_ARCHITECTURES)}; got {self.architecture!r}.")
+        if self.sparsity_knob == "k":
+            need(len(set(self.k_ladder)) == len(self.k_ladder) >= 2
+                 and all(isinstance(k, int) and 0 < k for k in self.k_ladder),
+                 f"k_ladder needs at least 2 distinct positive integers (one frontier point each); got "
+                 f"{self.k_ladder}.")
+        else:
+            need(len(set(self.l1_ladder)) == len(self.l1_ladder) >= 2 and all(x > 0 for x in self.l1_ladder),
+                 f"l1_ladder needs at least 2 distinct positive coefficients (one frontier point each); got "
+                 f"{self.l1_ladder}.")
         b = self.train_batch_size_tokens
         need(len(self.budget_ladder) >= 2 and self.budget_ladder == sorted(set(self.budget_ladder))
              and self.budget_ladder[0] >= b,

@@ -139,5 +139,5 @@ class Measurements:
             c = rec["ce"].get(eval_set)
             if c is not None:
                 metrics["ce"], se["ce"] = c["ce"], c["ce_se"]
-            out.append(RunPoint(spec.condition, spec.seed, spec.l1, metrics, se))
+            out.append(RunPoint(spec.condition, spec.seed, spec.sparsity, metrics, se))
         return out

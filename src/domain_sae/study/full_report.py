@@ -122,6 +122,14 @@ def _domain_md(d: str, dom: dict, hook: str, figs: dict[str, str]) -> list[str]:
     return out
 
 
+def _ladder(config: dict) -> str:
+    """``standard SAEs, L1 ladder [...]`` or ``topk SAEs, k ladder [...]`` from a results.json config."""
+    arch = config.get("architecture", "standard")
+    if arch in ("topk", "batchtopk"):
+        return f"{arch} SAEs, k ladder {config.get('k_ladder')} (every condition at the same k)"
+    return f"{arch} SAEs, L1 ladder {config.get('l1_ladder')}"
+
+
 def write_full_report(results: dict, out: Path) -> dict[str, Path]:
     """results.json, report.md and the figures in ``out``."""
     out = Path(out)
@@ -134,7 +142,7 @@ def write_full_report(results: dict, out: Path) -> dict[str, Path]:
     (out / "results.json").write_text(json.dumps(results, indent=1, default=str))
     lines = ["# The rigorous domain-SAE study", "", md_escape(results["question"]), "",
              f"Model `{results['model']}`; hooks {', '.join(f'`{h}`' for h in results['hooks'])}; seeds "
-             f"{results['config']['seeds']}; L1 ladder {results['config']['l1_ladder']}; general mixture "
+             f"{results['config']['seeds']}; {_ladder(results['config'])}; general mixture "
              f"{results['config']['general_mix']} (token shares of every batch); wall-clock of the run that "
              f"finished each hook: " + ", ".join(f"`{h}` {sum(r.get('timing_seconds', {}).values()) / 60:.1f} min"
                                                  for h, r in results["hooks"].items()) + ".", ""]

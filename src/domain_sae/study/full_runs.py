@@ -1,5 +1,5 @@
-"""The rigorous study's SAEs: which runs (seeds x L1 ladder x conditions x budgets), the general mixture source with
-exact token shares, and a store that makes the study resumable run by run.
+"""The rigorous study's SAEs: which runs (seeds x sparsity ladder x conditions x budgets), the general mixture source
+with exact token shares, and a store that makes the study resumable run by run.
 
 A run is saved under ``<out>/<hook>/saes/<run dir>/sae`` by :func:`domain_sae.pipeline.train`; a marker
 ``study_done.json`` beside it is written only after the SAE is saved, so a killed study reloads every finished SAE
@@ -27,7 +27,7 @@ from .full_config import FullStudyConfig
 from .saes import train_config
 
 __all__ = ["RunSpec", "plan_runs", "budget_condition", "scratch_budget_condition", "residual_condition",
-           "general_source", "domain_source", "SAEStore", "DONE_MARKER"]
+           "spec_of", "general_source", "domain_source", "SAEStore", "DONE_MARKER"]
 
 DONE_MARKER = "study_done.json"
 
@@ -53,36 +53,59 @@ class RunSpec:
     domain: Optional[str]
     tokens: int
     seed: int
-    l1: float
+    sparsity: float  # the L1 coefficient, or k for the TopK family (FullStudyConfig.sparsity_knob)
     budget: Optional[int] = None
+    knob: str = "l1"
 
     @property
     def dirname(self) -> str:
         slug = self.condition.replace("→", "_to_").replace("+", "_plus_").replace("@", "at")
-        return re.sub(r"[^A-Za-z0-9_.-]+", "_", f"{slug}_seed{self.seed}_l1_{self.l1:g}").strip("_")
+        return re.sub(r"[^A-Za-z0-9_.-]+", "_", f"{slug}_seed{self.seed}_{self.knob}_{self.sparsity:g}").strip("_")
 
     def parent(self, cfg: FullStudyConfig) -> Optional["RunSpec"]:
-        """The general SAE a fine-tuned (or residual) run starts from: same seed and L1 coefficient."""
+        """The general SAE a fine-tuned (or residual) run starts from: same seed and sparsity."""
         if self.kind not in ("finetuned", "residual"):
             return None
-        return RunSpec(GENERAL, "general", None, cfg.general_tokens, self.seed, self.l1)
+        return RunSpec(GENERAL, "general", None, cfg.general_tokens, self.seed, self.sparsity, knob=self.knob)
 
 
 def plan_runs(cfg: FullStudyConfig) -> list[RunSpec]:
     """Every SAE of one hook, parents before children."""
     runs: list[RunSpec] = []
+    kn = cfg.sparsity_knob
     for seed in cfg.seeds:
-        for l1 in cfg.l1_ladder:
-            runs.append(RunSpec(GENERAL, "general", None, cfg.general_tokens, seed, l1))
+        for x in cfg.sparsity_ladder:
+            runs.append(RunSpec(GENERAL, "general", None, cfg.general_tokens, seed, x, knob=kn))
     for d in cfg.domains:
         for seed in cfg.seeds:
-            for l1 in cfg.l1_ladder:
-                runs.append(RunSpec(scratch_name(d), "scratch", d, cfg.scratch_tokens, seed, l1))
+            for x in cfg.sparsity_ladder:
+                runs.append(RunSpec(scratch_name(d), "scratch", d, cfg.scratch_tokens, seed, x, knob=kn))
                 for b in cfg.budget_ladder:
-                    runs.append(RunSpec(budget_condition(d, b), "finetuned", d, b, seed, l1, b))
-                    runs.append(RunSpec(scratch_budget_condition(d, b), "scratch_budget", d, b, seed, l1, b))
-            runs.append(RunSpec(residual_condition(d), "residual", d, cfg.residual_tokens, seed, cfg.middle_l1))
+                    runs.append(RunSpec(budget_condition(d, b), "finetuned", d, b, seed, x, b, knob=kn))
+                    runs.append(RunSpec(scratch_budget_condition(d, b), "scratch_budget", d, b, seed, x, b, knob=kn))
+            runs.append(RunSpec(residual_condition(d), "residual", d, cfg.residual_tokens, seed,
+                                cfg.residual_sparsity, knob=kn))
     return runs
+
+
+def spec_of(cfg: FullStudyConfig, kind: str, domain: Optional[str], seed: int, *, budget: Optional[int] = None,
+            sparsity: Optional[float] = None) -> RunSpec:
+    """The run of ``kind`` (general | scratch | finetuned | scratch_budget | residual) for ``domain`` and ``seed``;
+    ``sparsity`` defaults to the ladder's middle value (the single-point analyses; ``residual_sparsity`` for
+    residual runs)."""
+    x = (cfg.residual_sparsity if kind == "residual" else cfg.middle_sparsity) if sparsity is None else sparsity
+    kn = cfg.sparsity_knob
+    if kind == "general":
+        return RunSpec(GENERAL, kind, None, cfg.general_tokens, seed, x, knob=kn)
+    if kind == "scratch":
+        return RunSpec(scratch_name(domain), kind, domain, cfg.scratch_tokens, seed, x, knob=kn)
+    if kind == "finetuned":
+        return RunSpec(budget_condition(domain, budget), kind, domain, budget, seed, x, budget, knob=kn)
+    if kind == "scratch_budget":
+        return RunSpec(scratch_budget_condition(domain, budget), kind, domain, budget, seed, x, budget, knob=kn)
+    if kind == "residual":
+        return RunSpec(residual_condition(domain), kind, domain, cfg.residual_tokens, seed, x, knob=kn)
+    raise ValueError(f"unknown run kind {kind!r}")
 
 
 def domain_source(cfg: FullStudyConfig, caches: dict[str, Path], name: str, seed: int, *,
@@ -131,7 +154,7 @@ class SAEStore:
         self._loaded = {s: v for s, v in self._loaded.items() if keep(s)}
 
     def _train(self, spec: RunSpec) -> Any:
-        cfg = dataclasses.replace(self.cfg, hook=self.hook, l1_coefficient=spec.l1)
+        cfg = self.cfg.with_sparsity(spec.sparsity, hook=self.hook)
         parent_spec = spec.parent(self.cfg)
         parent = self.get(parent_spec) if parent_spec is not None else None
         if spec.kind == "general":
@@ -148,9 +171,9 @@ class SAEStore:
         t = time.monotonic()
         res = pipeline.train(tcfg, lm=self.lm, source=source, init_sae=init, quiet=True)
         (self.run_dir(spec) / DONE_MARKER).write_text(json.dumps(
-            {"condition": spec.condition, "seed": spec.seed, "l1": spec.l1, "tokens": spec.tokens,
+            {"condition": spec.condition, "seed": spec.seed, spec.knob: spec.sparsity, "tokens": spec.tokens,
              "seconds": round(time.monotonic() - t, 1)}))
         self.trained_now += 1
-        self.log(f"[study]   {spec.condition} (seed {spec.seed}, L1 {spec.l1:g}): {spec.tokens:,} tokens in "
-                 f"{time.monotonic() - t:.0f} s")
+        self.log(f"[study]   {spec.condition} (seed {spec.seed}, {self.cfg.knob_label} {spec.sparsity:g}): "
+                 f"{spec.tokens:,} tokens in {time.monotonic() - t:.0f} s")
         return res.sae.eval()

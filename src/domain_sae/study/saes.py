@@ -46,6 +46,7 @@ def train_config(cfg: StudyConfig, *, data: str, tokens: int, seed: int, lr: flo
                        expansion_factor=cfg.expansion_factor, d_sae=cfg.d_sae, training_tokens=tokens,
                        train_batch_size_tokens=cfg.train_batch_size_tokens,
                        buffer_size_tokens=cfg.buffer_size_tokens, lr=lr, l1_coefficient=cfg.l1_coefficient,
+                       architecture=cfg.architecture, k=cfg.k,
                        seed=seed, eval_every=0, n_checkpoints=0, resume_checkpoint_minutes=0,
                        output_dir=str(output_dir), run_name=name, overwrite=True,
                        **study_schedule(steps)).validate()
