@@ -39,6 +39,8 @@ def test_cli_builds_store_and_exports(tmp_path, smol_tokenizer, capsys):
     assert (tmp_path / "site" / "feature" / "0" / "2.html").is_file()
     assert not (tmp_path / "site" / "feature" / "0" / "3.html").exists()
     assert main(["dashboard", str(tmp_path / "missing.sqlite")]) == 2
+    assert main(["dashboard", str(store), "--ablation-latents", "0"]) == 2  # refused before anything is served
+    assert "--ablation-latents must be at least 1" in capsys.readouterr().err
 
 
 def test_overwrite_never_replaces_a_file_that_is_not_a_store(tmp_path):

@@ -140,6 +140,9 @@ def _feature_parsers(sub) -> None:
     da.add_argument("--export", metavar="DIR", default=None, help="Write static pages to DIR instead of serving.")
     da.add_argument("--export-latents", type=int, default=None, help="Export only the first N latents per SAE.")
     da.add_argument("--no-model", action="store_true", help="Do not load the model (the prompt page is disabled).")
+    da.add_argument("--ablation-latents", type=int, default=128, metavar="N",
+                    help="Prompt page: latents whose exact ablation loss change is computed (one batched forward "
+                         "each; the best-ranked candidates first). Default 128.")
     da.add_argument("--device", default="cpu")
 
 
@@ -193,7 +196,10 @@ def cmd_dashboard(ns) -> int:
     if ns.export:
         serve.export(ns.store, ns.export, ns.export_latents)
         return 0
-    serve.serve(ns.store, host=ns.host, port=ns.port, device=ns.device, load_model=not ns.no_model)
+    if ns.ablation_latents < 1:
+        raise C.ConfigError(f"--ablation-latents must be at least 1 (got {ns.ablation_latents}).")
+    serve.serve(ns.store, host=ns.host, port=ns.port, device=ns.device, load_model=not ns.no_model,
+                max_candidates=ns.ablation_latents)
     return 0
 
 
