@@ -150,3 +150,15 @@ def test_full_study_end_to_end_and_resume(smol_tokenizer, tmp_path):
     logs.clear()
     run_full_study(cfg, tmp_path, lm=lm, log=logs.append)  # resumed: nothing is trained again
     assert not any("tokens in" in line for line in logs)
+
+
+def test_topk_conditions_are_compared_at_a_ladder_k_not_between_ladder_points():
+    from domain_sae.analysis.matched import RunPoint
+    from domain_sae.study.full_analysis import comparison_l0, middle_l0
+    cfg = _cfg(architecture="topk", k_ladder=[16, 64])
+    pts = [RunPoint(c, s, k, {"l0": k - 0.01 * s, "ev": 0.5 + k / 1000}) for c in ("general", "chat scratch")
+           for s in (1, 2) for k in (16, 64)]
+    conds = ["general", "chat scratch"]
+    assert comparison_l0(cfg, pts, conds, "ev") == pytest.approx(63.98)  # k = 64, clipped to the common range
+    assert middle_l0(pts, conds, "ev") == pytest.approx((15.99 * 63.98) ** 0.5)  # ReLU: geometric middle
+    assert comparison_l0(_cfg(), pts, conds, "ev") == middle_l0(pts, conds, "ev")

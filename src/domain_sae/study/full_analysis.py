@@ -19,7 +19,8 @@ from .config import GENERAL, scratch_name
 from .full_config import FullStudyConfig
 from .full_runs import SAEStore, budget_condition, residual_condition, scratch_budget_condition, spec_of
 
-__all__ = ["METRICS", "headline_budget", "middle_l0", "domain_findings", "overlap_findings", "probing_findings"]
+__all__ = ["METRICS", "headline_budget", "middle_l0", "comparison_l0", "domain_findings", "overlap_findings",
+           "probing_findings"]
 
 METRICS = {"ev": "explained variance", "ce": "CE-loss score"}
 
@@ -33,13 +34,29 @@ def _with(points: Sequence[RunPoint], metric: str) -> list[RunPoint]:
     return [p for p in points if metric in p.metrics]
 
 
-def middle_l0(points: Sequence[RunPoint], conditions: Sequence[str], metric: str) -> Optional[float]:
-    """Geometric middle of the L0 range every seed frontier of ``conditions`` covers (None when they share none)."""
+def _common_range(points: Sequence[RunPoint], conditions: Sequence[str], metric: str) -> Optional[tuple]:
+    """(lo, hi): the L0 range every seed frontier of ``conditions`` covers (None when they share none)."""
     try:
-        lo, hi = common_l0_range([f for c in conditions for f in frontiers_by_seed(points, c, metric)])
+        return common_l0_range([f for c in conditions for f in frontiers_by_seed(points, c, metric)])
     except (ExtrapolationError, KeyError):
         return None
-    return math.sqrt(lo * hi)
+
+
+def middle_l0(points: Sequence[RunPoint], conditions: Sequence[str], metric: str) -> Optional[float]:
+    """Geometric middle of the L0 range every seed frontier of ``conditions`` covers (None when they share none)."""
+    r = _common_range(points, conditions, metric)
+    return None if r is None else math.sqrt(r[0] * r[1])
+
+
+def comparison_l0(cfg: FullStudyConfig, points: Sequence[RunPoint], conditions: Sequence[str],
+                  metric: str) -> Optional[float]:
+    """The L0 at which conditions are compared: for the TopK family the middle k of the ladder (every condition was
+    trained at it, so no interpolation between ladder points), clipped into the common range (a measured L0 can sit
+    a hair below k); otherwise the geometric middle of the common range (:func:`middle_l0`)."""
+    if cfg.sparsity_knob != "k":
+        return middle_l0(points, conditions, metric)
+    r = _common_range(points, conditions, metric)
+    return None if r is None else min(max(float(cfg.middle_sparsity), r[0]), r[1])
 
 
 def _safe(fn, *args, **kw) -> Any:
@@ -59,7 +76,7 @@ def domain_findings(cfg: FullStudyConfig, d: str, on_domain: list[RunPoint], on_
         if not pts:
             continue
         m: dict = {"table": _safe(matched_summary, pts, main, metric, n_grid=cfg.n_l0_grid)}
-        l0 = middle_l0(pts, [GENERAL, scratch_name(d)], metric)
+        l0 = comparison_l0(cfg, pts, [GENERAL, scratch_name(d)], metric)
         m["l0"] = l0
         if l0 is not None:
             m["differences"] = [_safe(matched_difference, pts, a, b, metric, l0) for a, b in
@@ -89,7 +106,7 @@ def _forgetting(cfg: FullStudyConfig, d: str, gen_pts: list[RunPoint], metric: s
     rows = []
     for b in cfg.budget_ladder:
         c = budget_condition(d, b)
-        l0 = middle_l0(gen_pts, [GENERAL, c], metric)
+        l0 = comparison_l0(cfg, gen_pts, [GENERAL, c], metric)
         rows.append({"budget": b, **(_safe(matched_difference, gen_pts, c, GENERAL, metric, l0) if l0 else
                                      {"unavailable": "the fine-tuned and general frontiers share no L0 range"})})
     return rows
