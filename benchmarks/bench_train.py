@@ -74,7 +74,8 @@ def main(argv=None) -> dict:
     tokens = a.steps * a.batch
     with tempfile.TemporaryDirectory() as tmp:
         cfg = build_config(TrainConfig, overrides=dict(
-            model=a.model, hook=a.hook, data=a.data, device=device, context_size=a.context, expansion_factor=a.expansion,
+            model=a.model, hook=a.hook, data=a.data, device=device, context_size=a.context,
+            expansion_factor=a.expansion,
             training_tokens=tokens, train_batch_size_tokens=a.batch, buffer_size_tokens=4 * a.batch, eval_every=0,
             log_every=10, output_dir=tmp, resume_checkpoint_minutes=0))
 

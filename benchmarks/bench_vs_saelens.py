@@ -76,7 +76,8 @@ def main(argv=None) -> dict:
     (out / "vs_saelens_cpu.json").write_text(json.dumps(res, indent=2))
     md = (f"# SAE training step: domain-sae vs SAELens {sae_lens.__version__} (CPU, {res['torch_threads']} threads)\n\n"
           f"d_in {a.d_in}, d_sae {d_sae}, batch {a.batch}\n\n| | tokens/s |\n|---|---|\n"
-          f"| domain-sae | {res['ours_tokens_per_second']:,.0f} |\n| SAELens | {res['saelens_tokens_per_second']:,.0f} |\n"
+          f"| domain-sae | {res['ours_tokens_per_second']:,.0f} |\n"
+          f"| SAELens | {res['saelens_tokens_per_second']:,.0f} |\n"
           f"| speed-up | {res['speedup']:.2f}x |\n")
     (out / "vs_saelens_cpu.md").write_text(md)
     print(md)

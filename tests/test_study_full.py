@@ -147,6 +147,7 @@ def test_full_study_end_to_end_and_resume(smol_tokenizer, tmp_path):
     assert "general vs general (other seed)" in hook["overlap"]["pairs"]
     assert set(hook["probing"]) == {"chat", "code"}
     assert (tmp_path / "report.md").is_file() and res["report_md"].endswith("report.md")
+    assert "## Answer" in (tmp_path / "report.md").read_text() and (tmp_path / "report.html").is_file()
     logs.clear()
     run_full_study(cfg, tmp_path, lm=lm, log=logs.append)  # resumed: nothing is trained again
     assert not any("tokens in" in line for line in logs)

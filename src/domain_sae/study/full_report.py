@@ -1,6 +1,7 @@
-"""Report of the rigorous study: results.json, report.md and PNG figures (EV/CE-score vs L0 frontiers per
-condition and seed; the gap-closed curve against fine-tuning tokens with seed bands, next to token-matched scratch
-SAEs)."""
+"""Report of the rigorous study: results.json, report.md, a self-contained report.html and PNG figures (EV/CE-score
+vs L0 frontiers per condition and seed; the gap-closed curve against fine-tuning tokens with seed bands, next to
+token-matched scratch SAEs). The report opens with the answer per depth and domain, then the evidence; it is built
+from the document blocks of :mod:`.document`, which render both formats and escape every piece of text."""
 
 from __future__ import annotations
 
@@ -11,9 +12,10 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
-from ..markdown import escape_markdown as md_escape  # noqa: E402
-from .config import GENERAL  # noqa: E402
+from .config import GENERAL, scratch_name  # noqa: E402
+from .document import Block, Bullets, FigureRef, Heading, Paragraph, Table, render_html, render_markdown  # noqa: E402
 from .full_analysis import METRICS  # noqa: E402
+from .full_runs import budget_condition  # noqa: E402
 
 __all__ = ["write_full_report", "frontier_figure", "gap_figure"]
 
@@ -74,51 +76,81 @@ def gap_figure(dom: dict, d: str, hook: str, path: Path) -> Path:
     return path
 
 
-def _table_md(table: dict, metric: str) -> list[str]:
+def _table(table: dict) -> list[Block]:
     if "unavailable" in table:
-        return [f"(no common L0 range: {md_escape(table['unavailable'])})", ""]
+        return [Paragraph(f"(no common L0 range: {table['unavailable']})")]
     conds = [k for k in table["by_l0"][0] if k != "l0"]
-    lines = ["| L0 | " + " | ".join(md_escape(c) for c in conds) + " |", "|---|" + "---|" * len(conds)]
-    for row in table["by_l0"]:
-        cells = [f"{row[c]['mean']:.3f} ± {row[c]['std']:.3f}" for c in conds]
-        lines.append(f"| {row['l0']:.1f} | " + " | ".join(cells) + " |")
-    return lines + [""]
+    rows = [[f"{row['l0']:.1f}"] + [f"{row[c]['mean']:.3f} ± {row[c]['std']:.3f}" for c in conds]
+            for row in table["by_l0"]]
+    return [Table(["L0"] + conds, rows)]
 
 
-def _domain_md(d: str, dom: dict, hook: str, figs: dict[str, str]) -> list[str]:
-    out = [f"### {md_escape(d)} at `{hook}`", ""]
+def _domain_blocks(d: str, dom: dict, hook: str, figs: dict[str, Path]) -> list[Block]:
+    out: list[Block] = [Heading(f"{d} at {hook}", 3)]
     for metric, m in dom["metrics"].items():
-        out += [f"**{METRICS[metric]}** (mean ± std over seeds, interpolated at matched L0):", ""]
-        out += _table_md(m["table"], metric)
-        for diff in m.get("differences", []):
-            if "unavailable" not in diff:
-                out.append(f"- {md_escape(diff['a'])} − {md_escape(diff['b'])} at L0 {diff['l0']:.1f}: "
-                           f"{diff['text']}")
+        out.append(Paragraph(f"{METRICS[metric]} (mean ± std over seeds, at matched L0):", strong=True))
+        out += _table(m["table"])
+        items = [f"{diff['a']} − {diff['b']} at L0 {diff['l0']:.1f}: {diff['text']}"
+                 for diff in m.get("differences", []) if "unavailable" not in diff]
         g = m.get("gap_finetuned") or {}
         if g.get("budgets"):
-            out.append(f"- Gap closed by fine-tuning (at L0 {g['l0']:.1f}): " + "; ".join(
+            items.append(f"Gap closed by fine-tuning (at L0 {g['l0']:.1f}): " + "; ".join(
                 f"{r['budget']:,}: {r['text']}" for r in g["budgets"]))
             sb = g.get("smallest_budget")
             if sb:
-                out.append(f"- Smallest budget closing 50%: {sb['0.5']['text']}; 90%: {sb['0.9']['text']} "
-                           f"(from the lower interval bound: {sb['0.5 (lower bound)']['text']}; "
-                           f"{sb['0.9 (lower bound)']['text']}).")
+                items.append(f"Smallest budget closing 50%: {sb['0.5']['text']}; 90%: {sb['0.9']['text']} (from the "
+                             f"lower interval bound: {sb['0.5 (lower bound)']['text']}; "
+                             f"{sb['0.9 (lower bound)']['text']}).")
             elif g.get("why_no_budget"):
-                out.append(f"- No smallest budget: {g['why_no_budget']}.")
+                items.append(f"No smallest budget: {g['why_no_budget']}.")
+        gs = m.get("gap_scratch") or {}
+        if gs.get("budgets"):
+            items.append("Token-matched scratch SAEs, same fraction: " + "; ".join(
+                f"{r['budget']:,}: {r['text']}" for r in gs["budgets"]))
         r = m.get("residual") or {}
         if "stack" in r:
             ref = r.get(GENERAL, {})
-            out.append(f"- Residual baseline (general + residual SAE, L0 {r['l0']:.1f}): {r['stack']['mean']:.3f} ± "
-                       f"{r['stack']['std']:.3f}" + (f" vs general {ref['mean']:.3f} at the same L0" if "mean" in ref
-                                                     else ""))
+            items.append(f"Residual baseline (general + residual SAE, L0 {r['l0']:.1f}): {r['stack']['mean']:.3f} ± "
+                         f"{r['stack']['std']:.3f}" + (f" vs general {ref['mean']:.3f} at the same L0"
+                                                       if "mean" in ref else ""))
         forget = [f for f in m.get("forgetting", []) if "diff" in f]
         if forget:
-            out.append("- Forgetting on general data (fine-tuned − general at matched L0): " + "; ".join(
+            items.append("Forgetting on general data (fine-tuned − general at matched L0): " + "; ".join(
                 f"{f['budget']:,}: {f['text']}" for f in forget))
-        out.append("")
-    for name in (f"frontier_{hook}_{d}", f"gap_{hook}_{d}"):
-        if name in figs:
-            out += [f"![{name}]({figs[name]})", ""]
+        if items:
+            out.append(Bullets(items))
+    out += [FigureRef(n) for n in (f"frontier_{hook}_{d}", f"gap_{hook}_{d}") if n in figs]
+    return out
+
+
+def _diff_of(m: dict, a: str, b: str) -> dict:
+    return next((x for x in m.get("differences", []) if x.get("a") == a and x.get("b") == b), {})
+
+
+def answer_lines(results: dict) -> list[str]:
+    """One sentence per hook and domain: the domain benefit, what fine-tuning recovers, and at what budget."""
+    out = []
+    for hook, hres in results["hooks"].items():
+        for d, dom in hres["domains"].items():
+            metric = "ce" if "ce" in dom["metrics"] else "ev"
+            m, hb = dom["metrics"][metric], dom["headline_budget"]
+            if m.get("l0") is None:
+                out.append(f"{hook}, {d}: the conditions share no L0 range, so they are not compared.")
+                continue
+            sc, ft = _diff_of(m, scratch_name(d), GENERAL), _diff_of(m, budget_condition(d, hb), GENERAL)
+            text = (f"{hook}, {d} ({METRICS[metric]} at L0 {m['l0']:.0f}): scratch − general "
+                    f"{sc.get('text', 'n/a')}; fine-tuned on {hb:,} tokens − general {ft.get('text', 'n/a')}")
+            g = m.get("gap_finetuned") or {}
+            row = next((r for r in g.get("budgets", []) if r["budget"] == hb), None)
+            if row is not None:
+                text += f"; gap closed at {hb:,} tokens: {row['text']}"
+            sb = g.get("smallest_budget")
+            if sb:
+                text += f"; 50% of the gap: {sb['0.5']['text']}, 90%: {sb['0.9']['text']}"
+            forget = next((f for f in m.get("forgetting", []) if f.get("budget") == hb and "diff" in f), None)
+            if forget:
+                text += f"; forgetting on general data at {hb:,}: {forget['text']}"
+            out.append(text + ".")
     return out
 
 
@@ -130,46 +162,65 @@ def _ladder(config: dict) -> str:
     return f"{arch} SAEs, L1 ladder {config.get('l1_ladder')}"
 
 
+def _hook_extra_blocks(hres: dict) -> list[Block]:
+    out: list[Block] = []
+    ov = hres.get("overlap") or {}
+    if ov.get("pairs"):
+        out.append(Paragraph(f"Dictionary overlap (Hungarian matched fraction at cosine ≥ {ov['threshold']}; the "
+                             "other-seed pairs are the yardstick):", strong=True))
+        items = [f"{k}: {v['matched_fraction']:.2f}" for k, v in ov["pairs"].items()
+                 if v.get("matched_fraction") is not None]
+        for d, rot in ov.get("rotation", {}).items():
+            top = ", ".join(f"{r['latent']} ({r['angle_degrees']:.0f}°)" for r in rot["most_rotated"][:5])
+            items.append(f"Decoder rotation general → general→{d}: mean cosine {rot['mean_cosine']:.3f}; most "
+                         f"rotated latents: {top}")
+        out.append(Bullets(items))
+    for d, pr in (hres.get("probing") or {}).items():
+        out.append(Paragraph(f"k-sparse probing, {d} (balanced test accuracy; chance 0.5):", strong=True))
+        items = []
+        for task, t in pr["tasks"].items():
+            if "skipped" in t:
+                continue
+            cells = [f"{n}: " + ", ".join(f"k={k} {v:.2f}" for k, v in sv["accuracy"].items())
+                     for n, sv in t["saes"].items()]
+            items.append(f"{task}: raw dense {t['raw_dense']:.2f}; " + "; ".join(cells))
+        out.append(Bullets(items))
+    return out
+
+
+def report_blocks(results: dict, figs: dict[str, Path]) -> list[Block]:
+    cfg = results["config"]
+    timing = ", ".join(f"{h} {sum(r.get('timing_seconds', {}).values()) / 60:.1f} min"
+                       for h, r in results["hooks"].items())
+    blocks: list[Block] = [
+        Heading("The rigorous domain-SAE study", 1), Paragraph(results["question"]),
+        Paragraph(f"Model {results['model']}; hooks {', '.join(results['hooks'])}; seeds {cfg['seeds']}; "
+                  f"{_ladder(cfg)}; general mixture {cfg['general_mix']} (token shares of every batch); general "
+                  f"and scratch SAEs {cfg['general_tokens']:,} / {cfg['scratch_tokens']:,} tokens; fine-tuning "
+                  f"budgets {cfg['budget_ladder']}; wall-clock of the run that finished each hook: {timing}."),
+        Heading("Answer", 2),
+        Paragraph("A difference is called only when it exceeds t × its standard error (seeds and held-out documents) "
+                  "and the seed-to-seed spread; gap fractions carry a bootstrap interval over seeds."),
+        Bullets(answer_lines(results))]
+    for hook, hres in results["hooks"].items():
+        blocks.append(Heading(f"Hook {hook}", 2))
+        for d, dom in hres["domains"].items():
+            blocks += _domain_blocks(d, dom, hook, figs)
+        blocks += _hook_extra_blocks(hres)
+    return blocks
+
+
 def write_full_report(results: dict, out: Path) -> dict[str, Path]:
-    """results.json, report.md and the figures in ``out``."""
+    """results.json, report.md, report.html and the figures in ``out``."""
     out = Path(out)
-    figs: dict[str, str] = {}
+    figs: dict[str, Path] = {}
     for hook, hres in results["hooks"].items():
         safe = hook.replace("/", "_")
         for d, dom in hres["domains"].items():
-            figs[f"frontier_{hook}_{d}"] = frontier_figure(dom, d, hook, out / f"frontier_{safe}_{d}.png").name
-            figs[f"gap_{hook}_{d}"] = gap_figure(dom, d, hook, out / f"gap_{safe}_{d}.png").name
+            figs[f"frontier_{hook}_{d}"] = frontier_figure(dom, d, hook, out / f"frontier_{safe}_{d}.png")
+            figs[f"gap_{hook}_{d}"] = gap_figure(dom, d, hook, out / f"gap_{safe}_{d}.png")
     (out / "results.json").write_text(json.dumps(results, indent=1, default=str))
-    lines = ["# The rigorous domain-SAE study", "", md_escape(results["question"]), "",
-             f"Model `{results['model']}`; hooks {', '.join(f'`{h}`' for h in results['hooks'])}; seeds "
-             f"{results['config']['seeds']}; {_ladder(results['config'])}; general mixture "
-             f"{results['config']['general_mix']} (token shares of every batch); wall-clock of the run that "
-             f"finished each hook: " + ", ".join(f"`{h}` {sum(r.get('timing_seconds', {}).values()) / 60:.1f} min"
-                                                 for h, r in results["hooks"].items()) + ".", ""]
-    for hook, hres in results["hooks"].items():
-        lines += [f"## Hook `{hook}`", ""]
-        for d, dom in hres["domains"].items():
-            lines += _domain_md(d, dom, hook, figs)
-        ov = hres.get("overlap") or {}
-        if ov.get("pairs"):
-            lines += ["**Dictionary overlap** (Hungarian matched fraction at cosine ≥ "
-                      f"{ov['threshold']}; the other-seed pairs are the yardstick):", ""]
-            lines += [f"- {md_escape(k)}: {v['matched_fraction']:.2f}" for k, v in ov["pairs"].items()
-                      if v.get("matched_fraction") is not None]
-            for d, rot in ov.get("rotation", {}).items():
-                top = ", ".join(f"{r['latent']} ({r['angle_degrees']:.0f}°)" for r in rot["most_rotated"][:5])
-                lines.append(f"- Decoder rotation general → general→{md_escape(d)}: mean cosine "
-                             f"{rot['mean_cosine']:.3f}; most rotated latents: {top}")
-            lines.append("")
-        for d, pr in (hres.get("probing") or {}).items():
-            lines += [f"**k-sparse probing, {md_escape(d)}** (balanced test accuracy; chance 0.5):", ""]
-            for task, t in pr["tasks"].items():
-                if "skipped" in t:
-                    continue
-                cells = [f"{md_escape(n)}: " + ", ".join(f"k={k} {v:.2f}" for k, v in s["accuracy"].items())
-                         for n, s in t["saes"].items()]
-                lines.append(f"- {md_escape(task)}: raw dense {t['raw_dense']:.2f}; " + "; ".join(cells))
-            lines.append("")
-    (out / "report.md").write_text("\n".join(lines) + "\n")
-    return {"results_json": out / "results.json", "report_md": out / "report.md"}
-
+    blocks = report_blocks(results, figs)
+    (out / "report.md").write_text(render_markdown(blocks, figs))
+    (out / "report.html").write_text(render_html(blocks, figs, title="domain-sae: the rigorous study"))
+    return {"results_json": out / "results.json", "report_md": out / "report.md", "report_html": out / "report.html"}
