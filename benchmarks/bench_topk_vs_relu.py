@@ -4,12 +4,13 @@
                                             [--l1 2 5 12 30] [--k 16 32 64] [--heldout 8192] [--tiny]
 
 One activation cache of the training split (`dsae cache`), then from it every SAE at the same number of training
-tokens, the same width (expansion 4) and the study's schedule: ReLU SAEs at each L1 coefficient of ``--l1`` and
-TopK SAEs at each k of ``--k``. Each is measured on held-out activations (the split `dsae eval` uses): explained
-variance (float64, about the mean) with its per-sequence jackknife error, and L0. The ReLU points make a frontier in log L0; each TopK SAE is
-compared with the frontier interpolated at its own L0 (inside the frontier's range only, never extrapolated). The
-issue's bar: a TopK SAE reaches at least the EV of the ReLU SAE at the same L0. Writes JSON + Markdown to
-benchmarks/results/ (``--tiny``: a smoke run on a few thousand tokens, figures meaningless, nothing written).
+tokens, the same width (expansion 4) and the study's schedule: ReLU SAEs at each L1 coefficient of ``--l1`` and TopK
+SAEs at each k of ``--k``. Each is measured on held-out activations (the split `dsae eval` uses): explained variance
+(float64, about the mean) with its per-sequence jackknife error, and L0. The ReLU points make a frontier in log L0;
+each TopK SAE is compared with the frontier interpolated at its own L0 (inside the frontier's range only, never
+extrapolated). The issue's bar: a TopK SAE reaches at least the EV of the ReLU SAE at the same L0. Writes JSON +
+Markdown to benchmarks/results/ (``--tiny``: a smoke run on a few thousand tokens, figures meaningless, nothing
+written).
 """
 
 from __future__ import annotations
