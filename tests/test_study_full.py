@@ -163,3 +163,38 @@ def test_topk_conditions_are_compared_at_a_ladder_k_not_between_ladder_points():
     assert comparison_l0(cfg, pts, conds, "ev") == pytest.approx(63.98)  # k = 64, clipped to the common range
     assert middle_l0(pts, conds, "ev") == pytest.approx((15.99 * 63.98) ** 0.5)  # ReLU: geometric middle
     assert comparison_l0(_cfg(), pts, conds, "ev") == middle_l0(pts, conds, "ev")
+
+
+def test_report_opens_with_the_answer_and_renders_html(tmp_path):
+    """Findings from synthetic run points (scratch better than general by 0.1, fine-tunes closing a known share of
+    the gap) through the report: the answer names the difference and the gap closed, in both formats."""
+    from domain_sae.analysis.matched import RunPoint
+    from domain_sae.study.full_analysis import domain_findings
+    from domain_sae.study.full_report import write_full_report
+    from domain_sae.study.full_runs import scratch_budget_condition
+    cfg = _cfg(architecture="topk", k_ladder=[16, 64], seeds=[1, 2, 3], budget_ladder=[128, 256],
+               finetune_tokens=256, domains={"chat": "chat", "code": "code"})
+    value = {GENERAL: 0.5, scratch_name("chat"): 0.6, budget_condition("chat", 128): 0.53,
+             budget_condition("chat", 256): 0.58, scratch_budget_condition("chat", 128): 0.4,
+             scratch_budget_condition("chat", 256): 0.45}
+    pts, gen_pts = [], []
+    for cond, v in value.items():
+        for seed in (1, 2, 3):
+            for k in (16, 64):
+                m = {"l0": float(k), "ev": v + k / 1000 + 0.001 * seed, "ce": v + 0.3 + 0.001 * seed}
+                pts.append(RunPoint(cond, seed, k, m, {"ev": 1e-4, "ce": 1e-4}))
+                if cond == GENERAL or "→" in cond:
+                    gen_pts.append(RunPoint(cond, seed, k, {**m, "ev": 0.7, "ce": 0.9}, {"ev": 1e-4, "ce": 1e-4}))
+    dom = domain_findings(cfg, "chat", pts, gen_pts)
+    assert dom["metrics"]["ev"]["l0"] == 64.0  # compared at the ladder's middle k
+    row = next(r for r in dom["metrics"]["ev"]["gap_finetuned"]["budgets"] if r["budget"] == 256)
+    assert row["fraction"] == pytest.approx(0.8)  # (0.58 - 0.5) / (0.6 - 0.5)
+    results = {"question": "Q?", "model": "tiny", "config": {k: getattr(cfg, k) for k in cfg.__dataclass_fields__},
+               "hooks": {"blocks.1.hook_resid_post": {"domains": {"chat": dom}, "overlap": {}, "probing": {},
+                                                      "timing_seconds": {"saes": 60.0}}}}
+    paths = write_full_report(results, tmp_path)
+    md = paths["report_md"].read_text()
+    answer = md.split("## Answer", 1)[1].split("## Hook", 1)[0]
+    assert "chat" in answer and "gap closed at 256 tokens: 80%" in answer and "a difference" in answer
+    html = paths["report_html"].read_text()
+    assert "<h2>Answer</h2>" in html and "data:image/png;base64," in html and "gap closed at 256 tokens: 80%" in html
