@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import math
+import time
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
@@ -102,8 +103,14 @@ class Measurements:
         """CE-loss score (with jackknife se) of every spec on its eval sets that lack one; returns the number of
         (SAE, set) pairs evaluated."""
         n_done = 0
+        todos = {s: [sp for sp in specs if s in eval_sets_of(sp, self.domains) and s not in self._load(sp)["ce"]]
+                 for s in self.ce_sets}
+        total, t0 = sum(len(t) for t in todos.values()), time.monotonic()
+        if total:
+            self.log(f"[study]   CE-loss scores: {total} (SAE, set) pairs, in groups of {CE_GROUP} sharing the "
+                     f"clean and ablation passes")
         for s, (ids, segs) in self.ce_sets.items():
-            todo = [sp for sp in specs if s in eval_sets_of(sp, self.domains) and s not in self._load(sp)["ce"]]
+            todo = todos[s]
             for g in range(0, len(todo), CE_GROUP):
                 group = todo[g:g + CE_GROUP]
                 saes = {sp.dirname: measured_sae(self.store, sp) for sp in group}
@@ -125,6 +132,8 @@ class Measurements:
                     self._save(sp)
                     n_done += 1
                 self.store.forget(lambda sp: sp.kind == "general")
+                eta = (time.monotonic() - t0) / n_done * (total - n_done)
+                self.log(f"[study]   CE-loss scores: {n_done}/{total} pairs done, about {eta / 60:.0f} min left")
         return n_done
 
     def points(self, eval_set: str, specs: Sequence[RunSpec]) -> list[RunPoint]:
