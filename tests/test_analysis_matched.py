@@ -72,6 +72,10 @@ def test_gap_curve_skips_budgets_off_the_range_and_undefined_gaps():
     pts = [p for p in _points() if not (p.condition == "ft@1000" and p.metrics["l0"] < 30)]
     curve = gap_curve(pts, "general", "scratch", {1000: "ft@1000", 10000: "ft@10000"}, "ev", 20.0)
     assert [m["budget"] for m in curve["not_at_l0"]] == [1000] and len(curve["budgets"]) == 1
+    unmeasured = [p for p in _points() if p.condition != "ft@1000"]  # e.g. no CE measured at that budget
+    curve = gap_curve(unmeasured, "general", "scratch", {1000: "ft@1000", 10000: "ft@10000"}, "ev", 20.0)
+    assert curve["not_at_l0"][0]["budget"] == 1000 and "No run of condition" in curve["not_at_l0"][0]["why"]
+    assert [r["budget"] for r in curve["budgets"]] == [10000]
     flat = [RunPoint("scratch" if p.condition == "general" else p.condition, p.seed, p.sparsity, p.metrics, p.se)
             for p in _points() if p.condition != "scratch"]
     flat += [RunPoint("general", p.seed, p.sparsity, p.metrics, p.se) for p in _points() if p.condition == "general"]

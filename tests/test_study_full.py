@@ -55,6 +55,15 @@ def test_config_checks():
     assert is_full_config({"seeds": [1, 2]}) and not is_full_config({"lr": 1e-3})
 
 
+def test_ce_for_budgets_off_keeps_the_headline_budget():
+    cfg = _cfg(ce_for_budgets=False, budget_ladder=[128, 256, 512], finetune_tokens=256)
+    assert cfg.headline_budget == 256
+    ce = {(r.kind, r.budget) for r in plan_runs(cfg) if cfg.wants_ce(r)}
+    assert ("finetuned", 256) in ce and ("scratch_budget", 256) in ce and ("general", None) in ce
+    assert not any(b in (128, 512) for _, b in ce)
+    assert all(_cfg().wants_ce(r) for r in plan_runs(_cfg()))
+
+
 def test_topk_study_varies_k_not_l1():
     cfg = _cfg(architecture="topk", k_ladder=[4, 8, 16])
     assert cfg.sparsity_knob == "k" and cfg.sparsity_ladder == [4, 8, 16] and cfg.middle_sparsity == 8

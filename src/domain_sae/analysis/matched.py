@@ -96,7 +96,7 @@ def gap_curve(points: Sequence[RunPoint], general: str, scratch: str, finetuned:
     """Fraction of the ``general`` -> ``scratch`` gap closed by each fine-tuned condition (``finetuned``: budget ->
     condition) at L0 ``l0``, with bootstrap intervals over seeds, and the smallest budgets closing ``targets``
     (from the mean curve, and conservatively from the lower interval bound). Budgets whose frontier does not reach
-    ``l0`` are listed under ``"not_at_l0"``."""
+    ``l0`` (or that have no run measured on ``metric``) are listed under ``"not_at_l0"``."""
     g, g_se = _values_at(frontiers_by_seed(points, general, metric), l0)
     s, s_se = _values_at(frontiers_by_seed(points, scratch, metric), l0)
     # the gap is a difference only beyond the seed spread and the per-document errors of both (as in
@@ -107,8 +107,8 @@ def gap_curve(points: Sequence[RunPoint], general: str, scratch: str, finetuned:
     for budget in sorted(finetuned):
         try:
             c, _ = _values_at(frontiers_by_seed(points, finetuned[budget], metric), l0)
-        except ExtrapolationError as e:
-            missing.append({"budget": budget, "why": str(e)})
+        except (ExtrapolationError, KeyError) as e:  # outside the L0 range, or not measured for this metric
+            missing.append({"budget": budget, "why": str(e).strip("'\"")})
             continue
         gc = gap_closed_interval(g, s, c, doc_se_gap=doc_gap, seed=seed)
         rows.append({"budget": budget, "fraction": gc.fraction, "low": gc.low, "high": gc.high,

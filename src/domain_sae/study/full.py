@@ -50,7 +50,7 @@ def full_estimate(cfg: FullStudyConfig, rates: Throughput = ASSUMED, d_in: int =
     d_sae = cfg.d_sae or cfg.expansion_factor * d_in
     runs = plan_runs(cfg)
     sae_tokens = sum(r.tokens for r in runs)
-    n_sets = sum(len(eval_sets_of(r, list(cfg.domains))) for r in runs if cfg.ce_for_budgets or r.budget is None)
+    n_sets = sum(len(eval_sets_of(r, list(cfg.domains))) for r in runs if cfg.wants_ce(r))
     out: dict = {"runs_per_hook": len(runs), "sae_tokens_per_hook": sae_tokens, "hooks": {}}
     for hook in cfg.hooks:
         trunc_rate = min(rates.truncated_tokens_per_s, rates.full_tokens_per_s / _layer_fraction(hook))
@@ -102,7 +102,7 @@ def _hook_study(cfg: FullStudyConfig, hook: str, out: Path, lm: Any, log: Callab
         if (i + 1) % 10 == 0:
             log(f"[study]   {hook}: {i + 1}/{len(runs)} SAEs ready")
     t_train = time.monotonic()
-    meas.ce([r for r in runs if cfg.ce_for_budgets or r.budget is None])
+    meas.ce([r for r in runs if cfg.wants_ce(r)])
     t_ce = time.monotonic()
     res: dict = {"domains": {}}
     for d in cfg.domains:

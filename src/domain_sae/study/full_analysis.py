@@ -26,8 +26,8 @@ METRICS = {"ev": "explained variance", "ce": "CE-loss score"}
 
 
 def headline_budget(cfg: FullStudyConfig) -> int:
-    """The fine-tuning budget of the main table: ``finetune_tokens`` if on the ladder, else the closest in log."""
-    return min(cfg.budget_ladder, key=lambda b: abs(math.log(b) - math.log(cfg.finetune_tokens)))
+    """The fine-tuning budget of the main table (:attr:`FullStudyConfig.headline_budget`)."""
+    return cfg.headline_budget
 
 
 def _with(points: Sequence[RunPoint], metric: str) -> list[RunPoint]:

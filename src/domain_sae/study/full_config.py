@@ -21,6 +21,7 @@ exactly the same k (the interpolation is then the identity at the ladder's k val
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass
 from typing import Any, Optional
 
@@ -64,8 +65,9 @@ class FullStudyConfig(StudyConfig):
     probe_ks: list[int] = opt([1, 2, 5, 20], "k of the k-sparse probes.", group="analysis")
     ce_blocks: int = opt(4, "Blocks the CE evaluation tokens are split into for the per-document jackknife error "
                          "of the CE-loss score (at least 2).", group="eval")
-    ce_for_budgets: bool = opt(True, "Also measure the CE-loss score (full model passes) of every budget SAE, for "
-                               "the CE gap-closed curve; off: EV only for budgets.", group="eval")
+    ce_for_budgets: bool = opt(True, "Measure the CE-loss score (full model passes) of every budget SAE, for the "
+                               "CE gap-closed curve; off: the CE of the headline budget (finetune_tokens) only, EV "
+                               "for the whole ladder.", group="eval")
     n_l0_grid: int = opt(3, "Matched L0 values (log-spaced over the common range) in the report's tables.",
                          group="analysis")
 
@@ -110,6 +112,16 @@ class FullStudyConfig(StudyConfig):
         """This config with the ladder's knob set to ``x`` (``k`` or ``l1_coefficient``) and ``changes``."""
         knob = {"k": int(x)} if self.sparsity_knob == "k" else {"l1_coefficient": float(x)}
         return dataclasses.replace(self, **knob, **changes)
+
+    def wants_ce(self, run: Any) -> bool:
+        """Whether ``run`` (a RunSpec) gets a CE-loss score: always, except off-headline budgets when
+        ``ce_for_budgets`` is off."""
+        return self.ce_for_budgets or run.budget is None or run.budget == self.headline_budget
+
+    @property
+    def headline_budget(self) -> int:
+        """The fine-tuning budget of the main table: ``finetune_tokens`` if on the ladder, else the closest in log."""
+        return min(self.budget_ladder, key=lambda b: abs(math.log(b) - math.log(self.finetune_tokens)))
 
     def validate(self) -> "FullStudyConfig":
         super().validate()
