@@ -127,30 +127,33 @@ def _diff_of(m: dict, a: str, b: str) -> dict:
     return next((x for x in m.get("differences", []) if x.get("a") == a and x.get("b") == b), {})
 
 
+def _metric_clause(d: str, m: dict, hb: int) -> str:
+    """One metric's answer at one hook and domain: the two differences, the gap closed and the budgets."""
+    sc, ft = _diff_of(m, scratch_name(d), GENERAL), _diff_of(m, budget_condition(d, hb), GENERAL)
+    text = (f"at L0 {m['l0']:.0f}, scratch − general {sc.get('text', 'n/a')}, fine-tuned on {hb:,} tokens − "
+            f"general {ft.get('text', 'n/a')}")
+    g = m.get("gap_finetuned") or {}
+    row = next((r for r in g.get("budgets", []) if r["budget"] == hb), None)
+    if row is not None:
+        text += f", gap closed at {hb:,} tokens: {row['text']}"
+    sb = g.get("smallest_budget")
+    if sb:
+        text += f" (50% of the gap: {sb['0.5']['text']}; 90%: {sb['0.9']['text']})"
+    forget = next((f for f in m.get("forgetting", []) if f.get("budget") == hb and "diff" in f), None)
+    if forget:
+        text += f", forgetting on general data {forget['text']}"
+    return text
+
+
 def answer_lines(results: dict) -> list[str]:
-    """One sentence per hook and domain: the domain benefit, what fine-tuning recovers, and at what budget."""
+    """One line per hook and domain: the domain benefit, what fine-tuning recovers and at what budget, per metric."""
     out = []
     for hook, hres in results["hooks"].items():
         for d, dom in hres["domains"].items():
-            metric = "ce" if "ce" in dom["metrics"] else "ev"
-            m, hb = dom["metrics"][metric], dom["headline_budget"]
-            if m.get("l0") is None:
-                out.append(f"{hook}, {d}: the conditions share no L0 range, so they are not compared.")
-                continue
-            sc, ft = _diff_of(m, scratch_name(d), GENERAL), _diff_of(m, budget_condition(d, hb), GENERAL)
-            text = (f"{hook}, {d} ({METRICS[metric]} at L0 {m['l0']:.0f}): scratch − general "
-                    f"{sc.get('text', 'n/a')}; fine-tuned on {hb:,} tokens − general {ft.get('text', 'n/a')}")
-            g = m.get("gap_finetuned") or {}
-            row = next((r for r in g.get("budgets", []) if r["budget"] == hb), None)
-            if row is not None:
-                text += f"; gap closed at {hb:,} tokens: {row['text']}"
-            sb = g.get("smallest_budget")
-            if sb:
-                text += f"; 50% of the gap: {sb['0.5']['text']}, 90%: {sb['0.9']['text']}"
-            forget = next((f for f in m.get("forgetting", []) if f.get("budget") == hb and "diff" in f), None)
-            if forget:
-                text += f"; forgetting on general data at {hb:,}: {forget['text']}"
-            out.append(text + ".")
+            hb = dom["headline_budget"]
+            parts = [f"{METRICS[k]} {_metric_clause(d, m, hb)}" if m.get("l0") is not None else
+                     f"{METRICS[k]}: the conditions share no L0 range" for k, m in dom["metrics"].items()]
+            out.append(f"{hook}, {d}: " + "; ".join(parts) + ".")
     return out
 
 
