@@ -139,3 +139,13 @@ def test_missing_or_corrupt_cache(tmp_path):
     (path / "manifest.json").write_text("{not json")
     with pytest.raises(CacheError, match="corrupt"):
         read_manifest(path)
+
+
+def test_a_rebuild_removes_what_a_killed_build_left(tmp_path):
+    # a kill by SIGTERM skips the atomic writer's cleanup: its temporary directory stays beside the cache
+    (tmp_path / "cache.tmp-dead1").mkdir()
+    (tmp_path / "cache.tmp-dead1" / "shard_00000.safetensors").write_bytes(b"half")
+    (tmp_path / "other.tmp-busy").mkdir()  # another cache's build: left alone
+    build(tmp_path)
+    assert not (tmp_path / "cache.tmp-dead1").exists() and (tmp_path / "other.tmp-busy").is_dir()
+    assert read_manifest(tmp_path / "cache")["n_tokens"] == 100

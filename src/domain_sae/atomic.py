@@ -69,14 +69,14 @@ def is_leftover(name: str) -> bool:
     return ".tmp-" in name or ".old-" in name
 
 
-def remove_leftovers(directory: str | Path) -> list[Path]:
+def remove_leftovers(directory: str | Path, name: str | None = None) -> list[Path]:
     """Delete what interrupted :func:`atomic_directory` writes left directly in ``directory`` (``NAME.tmp-*``,
-    ``NAME.old-*``); returns what was removed."""
+    ``NAME.old-*``; only those of ``name`` when given); returns what was removed."""
     d = Path(directory)
     removed = []
     if d.is_dir():
         for p in d.iterdir():
-            if is_leftover(p.name):
+            if is_leftover(p.name) and (name is None or p.name.startswith((f"{name}.tmp-", f"{name}.old-"))):
                 if p.is_dir() and not p.is_symlink():
                     shutil.rmtree(p, ignore_errors=True)
                 else:

@@ -25,7 +25,7 @@ from typing import Any, Callable, Iterable, Optional
 import numpy as np
 import torch
 
-from ..atomic import atomic_directory
+from ..atomic import atomic_directory, remove_leftovers
 from ..outdirs import check_output_dir, write_marker
 from safetensors import safe_open
 from safetensors.torch import save_file
@@ -85,6 +85,7 @@ def build_activation_cache(activation_fn: Callable[[torch.Tensor], torch.Tensor]
                          f"to replace it.")
     torch_dtype = _DTYPES[dtype]
     path.parent.mkdir(parents=True, exist_ok=True)
+    remove_leftovers(path.parent, path.name)  # what a killed build of this cache left beside it
     with atomic_directory(path) as tmp:  # a crash leaves the previous cache (or none), never half of one
         shards: list[dict] = []
         pending: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = []

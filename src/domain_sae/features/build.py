@@ -31,7 +31,7 @@ import numpy as np
 import torch
 
 from .. import __version__
-from ..atomic import fsync_dir, fsync_file
+from ..atomic import fsync_dir, fsync_file, remove_leftovers
 from ..data.segments import training_mask
 from ..errors import UserError
 from .accumulate import LatentAccumulator, hist_edges
@@ -167,8 +167,7 @@ def _prepare_out(out: Path, overwrite: bool) -> None:
         raise UserError(f"{out} exists and is not a domain-sae feature store; --overwrite replaces only a feature "
                         f"store, never another file. Move it away or choose another --out.")
     out.parent.mkdir(parents=True, exist_ok=True)
-    for stale in out.parent.glob(f"{out.name}.tmp-*"):  # left by a killed build
-        shutil.rmtree(stale, ignore_errors=True)
+    remove_leftovers(out.parent, out.name)  # left by a killed build
 
 
 def build_feature_store(sae_dirs: Sequence[str | Path], datasets: Sequence[str], n_tokens: int, out: str | Path, *,
