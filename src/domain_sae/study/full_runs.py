@@ -66,25 +66,22 @@ class RunSpec:
         """The general SAE a fine-tuned (or residual) run starts from: same seed and sparsity."""
         if self.kind not in ("finetuned", "residual"):
             return None
-        return RunSpec(GENERAL, "general", None, cfg.general_tokens, self.seed, self.sparsity, knob=self.knob)
+        return spec_of(cfg, "general", None, self.seed, sparsity=self.sparsity)
 
 
 def plan_runs(cfg: FullStudyConfig) -> list[RunSpec]:
     """Every SAE of one hook, parents before children."""
     runs: list[RunSpec] = []
-    kn = cfg.sparsity_knob
     for seed in cfg.seeds:
-        for x in cfg.sparsity_ladder:
-            runs.append(RunSpec(GENERAL, "general", None, cfg.general_tokens, seed, x, knob=kn))
+        runs += [spec_of(cfg, "general", None, seed, sparsity=x) for x in cfg.sparsity_ladder]
     for d in cfg.domains:
         for seed in cfg.seeds:
             for x in cfg.sparsity_ladder:
-                runs.append(RunSpec(scratch_name(d), "scratch", d, cfg.scratch_tokens, seed, x, knob=kn))
+                runs.append(spec_of(cfg, "scratch", d, seed, sparsity=x))
                 for b in cfg.budget_ladder:
-                    runs.append(RunSpec(budget_condition(d, b), "finetuned", d, b, seed, x, b, knob=kn))
-                    runs.append(RunSpec(scratch_budget_condition(d, b), "scratch_budget", d, b, seed, x, b, knob=kn))
-            runs.append(RunSpec(residual_condition(d), "residual", d, cfg.residual_tokens, seed,
-                                cfg.residual_sparsity, knob=kn))
+                    runs += [spec_of(cfg, kind, d, seed, budget=b, sparsity=x)
+                             for kind in ("finetuned", "scratch_budget")]
+            runs.append(spec_of(cfg, "residual", d, seed))
     return runs
 
 
