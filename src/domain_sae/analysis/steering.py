@@ -8,8 +8,8 @@ A patch is a function ``a -> a'`` on the hook's activation ``a [B, T, d_in]``, a
 
 ``s = 0`` is the identity in both modes. Effects are measured as generations (greedy, deterministic) and as the
 change in mean next-token cross-entropy (nats) on held-out text, counting the same targets as the evaluation
-(source not PAD, target neither PAD (-1) nor SPECIAL (0): :func:`domain_sae.evaluation.lm_positions`), with the
-log-softmax in float64 as in the evaluation. The baselines are the difference-of-means direction
+(source not PAD, target neither PAD (-1) nor SPECIAL (0): :func:`domain_sae.evaluation.lm_positions`), with
+the CE computed as in the evaluation. The baselines are the difference-of-means direction
 and ``random_direction_like`` (a random direction of equal norm).
 """
 
@@ -22,6 +22,7 @@ from torch import Tensor
 
 from ..data.segments import PAD
 from ..evaluation import lm_positions
+from ..evaluation.next_token import token_ce
 from ..models import as_hook, as_module, forward_with_patch, tokenizer_of
 from .errors import AnalysisError
 
@@ -152,7 +153,8 @@ def next_token_ce(lm: Any, hook: Any, input_ids: Tensor, segments: Tensor, patch
     ``CE = -(1/N) sum log softmax(logits[b, t])[input_ids[b, t+1]]`` over the pairs (t, t+1) counted by the
     evaluation's rule: ``segments[t] != PAD`` and ``segments[t+1]`` neither PAD (-1) nor SPECIAL (0) (BOS may
     predict the first token; nothing predicts a special token; :func:`domain_sae.evaluation.lm_positions`). PAD
-    positions are masked out of attention. Log-softmax and sums in float64, as in the evaluation.
+    positions are masked out of attention. Computed as in the evaluation
+    (:func:`domain_sae.evaluation.next_token.token_ce`).
     """
     ids = torch.as_tensor(input_ids, dtype=torch.long)
     segs = torch.as_tensor(segments)
@@ -174,9 +176,8 @@ def next_token_ce(lm: Any, hook: Any, input_ids: Tensor, segments: Tensor, patch
         counted = lm_positions(s).to(device)
         if not bool(counted.any()):
             continue
-        logp = torch.log_softmax(logits[counted].to(torch.float64), dim=-1)  # as the evaluation: float64
         tgt = x[:, 1:].to(device)[counted]
-        total += float(-logp.gather(1, tgt[:, None]).sum())
+        total += float(token_ce(logits[counted], tgt).sum())  # as the evaluation (float64 sums and logs)
         count += int(counted.sum())
     if count == 0:
         raise AnalysisError("no countable next-token targets: every target is PAD or SPECIAL; pass held-out text "

@@ -17,7 +17,7 @@ attention. For every mini-batch:
 Counted positions and groups: :mod:`.positions` (next-token position t counts iff segments[t] != PAD and
 segments[t+1] not in {PAD, SPECIAL}, in the segment of its target; the headline ``overall`` group counts content
 tokens only: text, user, assistant, system). With p = softmax(clean logits[t]), q = softmax(patched logits[t])
-(log-softmax in float64), over the M counted positions of a group:
+(:mod:`.next_token`: float32 elementwise, float64 sums and logs), over the M counted positions of a group:
 
 - CE = -(1/M) Σ_t log q(token[t+1]) in nats (``ce_loss_without_sae`` uses p);
 - KL = (1/M) Σ_t Σ_v p(v) (log p(v) - log q(v));
@@ -44,6 +44,7 @@ from torch import Tensor
 from ..data.segments import PAD
 from ..models.hooks import capture
 from .metrics import MetricError, ReconstructionAccumulator
+from .next_token import CleanLogits
 from .patching import as_hook, clean_forward, patched_forward, reconstruct, replace_at, torch_module
 from .positions import (ALL_TOKENS, OVERALL, groups, has_template, lm_positions, reconstruction_positions,
                         splice_positions, token_counts)
@@ -51,9 +52,6 @@ from .uncertainty import (MAX_FIRE_TABLE, DocumentSums, bootstrap_weights, error
                           reconstruction_from_totals, reconstruction_token_stats)
 
 __all__ = ["SAEResult", "evaluate_saes_on_tokens", "lm_from_totals", "splice_description"]
-
-# Rows of log-softmax computed at once (rows x vocab float64 values, ~64 MB for a 50k vocabulary).
-_LOGIT_ELEMENTS_PER_CHUNK = 8_000_000
 
 
 def splice_description(all_positions: bool, exclude_special: bool = True) -> str:
@@ -157,24 +155,6 @@ def _group_means(model, hook, ids: Tensor, segs: Tensor, batch_size: int, device
     return {g: sums[g] / counts[g] for g in sums if counts[g] > 0}
 
 
-def _next_token_terms(clean_logits: Tensor, patched: Optional[Tensor], rows: tuple[Tensor, Tensor],
-                      targets: Tensor) -> tuple[Tensor, Optional[Tensor]]:
-    """Per counted position: CE (float64) and, for a patched run, KL(p_clean || p_patched)."""
-    n_rows, vocab = targets.shape[0], clean_logits.shape[-1]
-    ce = torch.empty(n_rows, dtype=torch.float64, device=clean_logits.device)
-    kl = None if patched is None else torch.empty_like(ce)
-    step = max(1, _LOGIT_ELEMENTS_PER_CHUNK // max(vocab, 1))
-    for s0 in range(0, n_rows, step):
-        sl = slice(s0, min(s0 + step, n_rows))
-        r = (rows[0][sl], rows[1][sl])
-        lp_clean = torch.log_softmax(clean_logits[r[0], r[1]].to(torch.float64), dim=-1)
-        lp = lp_clean if patched is None else torch.log_softmax(patched[r[0], r[1]].to(torch.float64), dim=-1)
-        ce[sl] = -lp.gather(1, targets[sl, None]).squeeze(1)
-        if kl is not None:
-            kl[sl] = (lp_clean.exp() * (lp_clean - lp)).sum(-1)
-    return ce, kl
-
-
 @torch.no_grad()
 def evaluate_saes_on_tokens(saes: Mapping[str, Any], lm: Any, hook: Any, input_ids: Tensor, segments: Tensor, *,
                             batch_size: int = 8, mean_ablation: bool = False, per_segment: bool = True,
@@ -224,7 +204,8 @@ def evaluate_saes_on_tokens(saes: Mapping[str, Any], lm: Any, hook: Any, input_i
 
         for g, m in tgt_groups.items():
             lm_sums.add(f"{g}|n", torch.ones(int(m.sum())), tgt_doc[m])
-        add_terms("clean", *_next_token_terms(clean_logits, None, rows, targets))
+        clean = CleanLogits(clean_logits, rows, targets)
+        add_terms("clean", *clean.terms(None))
         for label, sae in saes.items():
             x_hat, f = reconstruct(sae, a)
             for g, m in rec_groups.items():
@@ -236,14 +217,14 @@ def evaluate_saes_on_tokens(saes: Mapping[str, Any], lm: Any, hook: Any, input_i
                 for k, v in reconstruction_token_stats(a[md], x_hat[md], f[md], means[g], fires).items():
                     rec_sums[label].add(f"{g}|{k}", v, c[m])
             patched = patched_forward(model, hook, x_ids, attn, replace_at(x_hat, where))
-            add_terms(conds[label], *_next_token_terms(clean_logits, patched, rows, targets))
+            add_terms(conds[label], *clean.terms(patched))
             del patched, f
         zero = patched_forward(model, hook, x_ids, attn, replace_at(torch.zeros_like(a), where))
-        add_terms("zero", *_next_token_terms(clean_logits, zero, rows, targets))
+        add_terms("zero", *clean.terms(zero))
         del zero
         if mean_ablation:
             mean_patched = patched_forward(model, hook, x_ids, attn, replace_at(means[ALL_TOKENS], where))
-            add_terms("mean", *_next_token_terms(clean_logits, mean_patched, rows, targets))
+            add_terms("mean", *clean.terms(mean_patched))
             del mean_patched
 
     weights = None
