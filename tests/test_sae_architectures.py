@@ -182,6 +182,17 @@ def test_relu_sae_switches_to_sparse_kernels_below_the_density_threshold():
     assert (other._calls, other._sparse_now) == (sae._calls, sae._sparse_now)
 
 
+
+def test_relu_sae_on_cpu_measures_its_density_at_every_pass():
+    sae = make("standard")
+    sae.configure_kernels("auto", density_threshold=1e-6)
+    x = x_batch()
+    sae.loss(x, 1.0)
+    assert not sae.uses_sparse_kernels()
+    sae.configure_kernels("auto", density_threshold=0.99)
+    sae.loss(x, 1.0)  # the second pass: on a GPU the next reading would be at pass DENSITY_CHECK_EVERY
+    assert sae.uses_sparse_kernels()
+
 # -- persistence ---------------------------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("arch,written", [("topk", "topk"), ("jumprelu", "jumprelu"), ("batchtopk", "jumprelu"),

@@ -6,8 +6,8 @@
     raw_l1 = lambda * l1;   total = mse + raw_l1
 
 Kernels: with ``kernel_mode="auto"`` the SAE measures the density of f (fraction of non-zero entries) every
-``DENSITY_CHECK_EVERY`` training forward passes and uses the sparse kernels of :mod:`.sparse` while it is below
-``sparse_density_threshold`` (gradients then flow only through the non-zero f, which is exactly the ReLU's
+``DENSITY_CHECK_EVERY`` training forward passes on a GPU (the reading is a host sync), every pass elsewhere (free),
+and uses the sparse kernels of :mod:`.sparse` while it is below ``sparse_density_threshold`` (gradients then flow only through the non-zero f, which is exactly the ReLU's
 gradient). The counter and the current choice are part of the state dict (``_extra_state``) so that a resumed run
 makes the same choices.
 
@@ -29,7 +29,7 @@ from .sparse import from_positive, gather_pre, sparse_decode
 __all__ = ["StandardSAE", "SAEModelConfig", "LossOutput", "SAECompatibilityError", "check_compatible", "DTYPES",
            "dtype_from_str", "dtype_to_str", "DENSITY_CHECK_EVERY"]
 
-#: training forward passes between two density measurements of the auto kernel switch.
+#: training forward passes between two density measurements of the auto kernel switch on a GPU (every pass on CPU).
 DENSITY_CHECK_EVERY = 25
 
 
@@ -62,8 +62,9 @@ class StandardSAE(BaseSAE):
         """Whether the next training forward pass runs the sparse kernels."""
         return self.kernel_mode == "sparse" or (self.kernel_mode == "auto" and self._sparse_now)
 
-    def _observe_density(self, density_fn) -> None:
-        if self.kernel_mode == "auto" and self._calls % DENSITY_CHECK_EVERY == 0:
+    def _observe_density(self, density_fn, device: torch.device) -> None:
+        every = DENSITY_CHECK_EVERY if device.type == "cuda" else 1
+        if self.kernel_mode == "auto" and self._calls % every == 0:
             self._sparse_now = float(density_fn()) < self.sparse_density_threshold
         self._calls += 1
 
@@ -89,14 +90,14 @@ class StandardSAE(BaseSAE):
             l1 = per_token.mean()
             latents = lat
             nnz = lat.rows.shape[0]
-            self._observe_density(lambda: nnz / max(n_tok * self.d_sae, 1))
+            self._observe_density(lambda: nnz / max(n_tok * self.d_sae, 1), x2.device)
         else:
             f = torch.relu(self.encode_pre(x2))
             x_hat = f @ self.W_dec + self.b_dec
             weighted = f * self.decoder_norms() if self.cfg.scale_sparsity_penalty_by_decoder_norm else f
             l1 = weighted.norm(p=p, dim=-1).mean()
             latents = f
-            self._observe_density(lambda: (f.detach() > 0).float().mean())
+            self._observe_density(lambda: (f.detach() > 0).float().mean(), x2.device)
         mse = self.mse(x2, x_hat)
         raw_l1 = l1 * float(l1_coefficient)
         x_hat, latents = self.unflat(x, x_hat, latents)
