@@ -184,6 +184,36 @@ def test_generate_with_patch_matches_manual_greedy_loop(model):
         generate_with_patch(model, HOOK, prompt, None, 2)
 
 
+
+@pytest.mark.parametrize("mode,strength", [("add", 8.0), ("ablate", 1.0)])
+def test_generation_with_kv_cache_equals_full_reforward(model, mode, strength):
+    """The cached path feeds one token per step; a position-wise patch gives the same tokens as re-running the whole
+    sequence (the manual loop above re-runs it with a plain forward hook)."""
+    prompt = torch.tensor([9, 3, 77, 21, 4])
+    v = _direction(11)
+    patch = steer_patch(v, strength, mode)
+    cached = generate_with_patch(model, HOOK, prompt, patch, 8, return_ids=True, stop_at_eos=False)
+    full = generate_with_patch(model, HOOK, prompt, patch, 8, return_ids=True, stop_at_eos=False, kv_cache=False)
+    assert torch.equal(cached, full)
+    assert torch.equal(cached, _manual_greedy(model, prompt, 8, lambda o: patch(o)))
+
+
+def test_generation_falls_back_to_full_forwards_for_a_model_without_a_cache(model):
+    class NoCache(torch.nn.Module):  # forward(input_ids, attention_mask=None, use_cache=False): no cache argument
+        def __init__(self, inner):
+            super().__init__()
+            self.inner = inner
+
+        def forward(self, input_ids, attention_mask=None, use_cache=False):
+            return self.inner(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
+
+    prompt = torch.tensor([5, 17, 42, 8])
+    v = _direction(12)
+    # blocks.0.hook_resid_post of the inner model, as a module path of the wrapper
+    got = generate_with_patch(NoCache(model), "inner.model.layers.0", prompt, steer_patch(v, 8.0), 5, return_ids=True,
+                              stop_at_eos=False)
+    assert torch.equal(got, _manual_greedy(model, prompt, 5, lambda o: o + 8.0 * v))
+
 def test_steering_sweep_is_json_ready(model, batch):
     ids, segs = batch
     v = _direction(7)

@@ -23,7 +23,7 @@ from torch import Tensor
 from ..data.segments import PAD
 from ..evaluation import lm_positions
 from ..evaluation.next_token import token_ce
-from ..models import as_hook, as_module, forward_with_patch, tokenizer_of
+from ..models import as_hook, as_module, forward_with_patch, forward_with_patch_cached, tokenizer_of
 from .errors import AnalysisError
 
 PatchFn = Callable[[Tensor], Tensor]
@@ -110,11 +110,14 @@ def _as_prompt_ids(prompt: Any, tokenizer: Any) -> Tensor:
 def generate_with_patch(lm: Any, hook: Any, prompt_ids: Any, patch_fn: Optional[PatchFn], max_new_tokens: int = 32,
                         greedy: bool = True, *, tokenizer: Any = None, stop_at_eos: bool = True,
                         temperature: float = 1.0, generator: Optional[torch.Generator] = None,
-                        return_ids: bool = False) -> str | Tensor:
+                        return_ids: bool = False, kv_cache: bool = True) -> str | Tensor:
     """Generate ``max_new_tokens`` tokens with the patch applied at every position, prompt included.
 
-    Each step re-runs the full patched forward on the sequence so far (no KV cache: simple and exactly the same
-    intervention at every step) and takes the argmax of the last position's logits (``greedy``), or samples from
+    With ``kv_cache`` (default) each step runs only the new token, with the earlier positions' keys and values cached
+    (:func:`domain_sae.models.forward_with_patch_cached`): exact for a patch that acts on each position on its own,
+    as every mode of :func:`steer_patch` does. ``kv_cache=False`` re-runs the full patched forward on the sequence so
+    far at every step (for a patch that depends on the whole sequence). Each step takes the argmax of the last
+    position's logits (``greedy``), or samples from
     ``softmax(logits / temperature)`` with ``generator``. ``patch_fn=None`` generates without intervention. Stops
     early at the tokenizer's EOS when ``stop_at_eos``. Returns the decoded new text (special tokens skipped), or the
     new token ids ``[n_new]`` with ``return_ids=True`` (no tokenizer needed then).
@@ -126,8 +129,13 @@ def generate_with_patch(lm: Any, hook: Any, prompt_ids: Any, patch_fn: Optional[
     ids = _as_prompt_ids(prompt_ids, tok).to(device)
     eos = getattr(tok, "eos_token_id", None) if stop_at_eos else None
     new: list[int] = []
+    cache, step_ids = None, ids
     for _ in range(int(max_new_tokens)):
-        logits = _forward(model, hook, ids, patch_fn, None)[0, -1].to(torch.float32)
+        if kv_cache:
+            last, cache = forward_with_patch_cached(model, hook, step_ids, patch_fn or (lambda a: a), cache)
+            logits = last[0].to(torch.float32)
+        else:
+            logits = _forward(model, hook, ids, patch_fn, None)[0, -1].to(torch.float32)
         if greedy:
             nxt = int(torch.argmax(logits))
         else:
@@ -137,6 +145,7 @@ def generate_with_patch(lm: Any, hook: Any, prompt_ids: Any, patch_fn: Optional[
             nxt = int(torch.multinomial(probs, 1, generator=generator))
         new.append(nxt)
         ids = torch.cat([ids, torch.tensor([[nxt]], device=device)], dim=1)
+        step_ids = ids if cache is None else ids[:, -1:]  # a model without a cache gets the whole sequence
         if eos is not None and nxt == eos:
             break
     if return_ids:

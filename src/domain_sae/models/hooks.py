@@ -31,10 +31,11 @@ Names accepted by :func:`resolve_hook`:
 from __future__ import annotations
 
 import difflib
+import inspect
 import re
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
-from typing import Callable, Iterator, Literal, Optional
+from typing import Any, Callable, Iterator, Literal, Optional
 
 import torch
 from torch import nn
@@ -384,6 +385,37 @@ def forward_with_patch(model: nn.Module, hook: HookPoint, input_ids: torch.Tenso
 
     with _hooked(model, hook, patch):
         return _call(model, input_ids, attention_mask).logits
+
+
+def _forward_parameters(model: nn.Module) -> set[str]:
+    try:
+        return set(inspect.signature(model.forward).parameters)
+    except (TypeError, ValueError):
+        return set()
+
+
+def forward_with_patch_cached(model: nn.Module, hook: HookPoint, input_ids: torch.Tensor,
+                              patch_fn: Callable[[torch.Tensor], torch.Tensor], cache: Any = None
+                              ) -> tuple[torch.Tensor, Any]:
+    """One incremental step with a KV cache: ``(logits of the last position [B, V], updated cache)`` for the new
+    tokens ``input_ids`` [B, n] after the positions already in ``cache`` (None: the first step, over the prompt). The
+    patch sees the hook's activation of the new positions only, so the result equals :func:`forward_with_patch` on
+    the whole sequence exactly when ``patch_fn`` acts on each position independently. Returns ``(logits, None)``
+    after a full forward when the model takes no cache (the caller then passes the whole sequence each step)."""
+    params = _forward_parameters(model)
+    # the KV cache's name: transformers 5 ``cache``, 4 ``past_key_values``
+    name = next((n for n in ("cache", "past_key_values") if n in params), None)
+    if name is None or "use_cache" not in params:
+        return forward_with_patch(model, hook, input_ids, patch_fn)[:, -1], None
+    kw: dict[str, Any] = {"use_cache": True}
+    if cache is not None:
+        kw[name] = cache
+    if "logits_to_keep" in params:
+        kw["logits_to_keep"] = 1
+    with _hooked(model, hook, lambda a: patch_fn(a).to(device=a.device, dtype=a.dtype)):
+        out = model(input_ids=input_ids, **kw)
+    new_cache = getattr(out, "cache", None)
+    return out.logits[:, -1], new_cache if new_cache is not None else getattr(out, "past_key_values", None)
 
 
 def hook_d_in(model: nn.Module, hook: HookPoint) -> int:

@@ -7,9 +7,9 @@
 
 Kernels: with ``kernel_mode="auto"`` the SAE measures the density of f (fraction of non-zero entries) every
 ``DENSITY_CHECK_EVERY`` training forward passes on a GPU (the reading is a host sync), every pass elsewhere (free),
-and uses the sparse kernels of :mod:`.sparse` while it is below ``sparse_density_threshold`` (gradients then flow only through the non-zero f, which is exactly the ReLU's
-gradient). The counter and the current choice are part of the state dict (``_extra_state``) so that a resumed run
-makes the same choices.
+and uses the sparse kernels of :mod:`.sparse` while it is below ``sparse_density_threshold`` (gradients then flow
+only through the non-zero f, which is exactly the ReLU's gradient). The counter and the current choice are part of
+the state dict (``_extra_state``) so that a resumed run makes the same choices.
 
 The SAE takes whatever input the caller feeds it; input scaling (``normalize_activations``) is done by the trainer
 and folded into the weights with :meth:`fold_activation_scale` before the SAE is saved for use.

@@ -1,0 +1,138 @@
+"""Model + SAE end to end: `dsae train` (pipeline.train) vs SAELens's LanguageModelSAETrainingRunner, same data.
+
+Run inside .venv-saelens (it has both):
+
+    .venv-saelens/bin/python benchmarks/bench_e2e_vs_saelens.py [--tokens 262144] [--expansion 8] [--context 128]
+
+Workload (issue 9's end-to-end target): the offline default SmolLM2-135M-Instruct, the layer-0 MLP output
+(ours `blocks.0.hook_mlp_out`; SAELens, which wraps a Hugging Face model in its `HookedProxyLM`, the same module
+`model.layers.0.mlp`, and stops the forward after it as we do), ReLU + L1 SAE with 8 x 576 = 4,608 latents,
+lr 1e-3, L1 5, batch 4,096 tokens, context 128, fp32 on CPU. Both read the same token sequences: the first
+``--tokens`` tokens of the training split of the built-in `chat` data, packed by our data pipeline (chat
+template, BOS per sequence) and handed to SAELens as a pre-tokenized dataset (`override_dataset`). Both keep a
+shuffle buffer of 16 batches (our buffer_size_tokens; SAELens's n_batches_in_buffer with its half-refill
+mixing), neither evaluates or checkpoints during training, SAELens logs nothing to wandb.
+
+The SAELens model is our already loaded model (`override_model`: the GGUF file of the offline default cannot be
+loaded by SAELens's own loader without a network), so both time training only, not model loading. SAELens
+estimates no normalisation (normalize_activations "none" in both). Timed: the runner's `run()` and our
+`pipeline.train`, each in this process, one after the other. Writes JSON + Markdown to benchmarks/results/.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import platform
+import resource
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "src"))
+
+from domain_sae import pipeline  # noqa: E402
+from domain_sae.config import TrainConfig, build_config  # noqa: E402
+from domain_sae.data.pipeline import TokenStream  # noqa: E402
+from domain_sae.models.load import load_model  # noqa: E402
+
+HF_HOOK = "model.layers.0.mlp"
+
+
+def _sequences(cfg: TrainConfig, tokenizer, n_tokens: int) -> list[list[int]]:
+    out: list[list[int]] = []
+    for ids, _ in TokenStream(cfg, tokenizer, split="train", repeat=True):
+        out.append(ids.tolist())
+        if len(out) * cfg.context_size >= n_tokens:
+            return out
+    raise SystemExit("the training split ended before --tokens tokens")
+
+
+def _ours(cfg: TrainConfig, lm, seqs: list[list[int]]) -> float:
+    t = time.perf_counter()
+    res = pipeline.train(cfg, lm=lm, quiet=True)
+    sec = time.perf_counter() - t
+    print(f"domain-sae: {cfg.training_tokens:,} tokens in {sec:.1f} s; final L0 "
+          f"{res.summary.get('metrics/l0', float('nan')):.1f}", flush=True)
+    return sec
+
+
+def _saelens(a, lm, seqs: list[list[int]], tmp: str) -> float:
+    import datasets
+    from sae_lens import LanguageModelSAERunnerConfig, LanguageModelSAETrainingRunner, LoggingConfig
+    from sae_lens.load_model import HookedProxyLM
+    from sae_lens.saes.standard_sae import StandardTrainingSAEConfig
+
+    logging.getLogger("sae_lens").setLevel(logging.ERROR)
+    cfg = LanguageModelSAERunnerConfig(
+        sae=StandardTrainingSAEConfig(d_in=576, d_sae=a.expansion * 576, l1_coefficient=5.0, dtype="float32",
+                                      device="cpu"),
+        model_name="smollm2-135m-instruct", model_class_name="AutoModelForCausalLM", hook_name=HF_HOOK,
+        dataset_path="local", is_dataset_tokenized=True, streaming=False, context_size=a.context,
+        prepend_bos=False, training_tokens=a.tokens, train_batch_size_tokens=a.batch,
+        n_batches_in_buffer=16, store_batch_size_prompts=16, lr=1e-3, device="cpu", dtype="float32",
+        logger=LoggingConfig(log_to_wandb=False), n_checkpoints=0, save_final_checkpoint=False,
+        checkpoint_path=str(Path(tmp) / "ckpt"), output_path=str(Path(tmp) / "out"), verbose=False,
+        n_eval_batches=0, feature_sampling_window=1000, dead_feature_window=1000)
+    model = HookedProxyLM(lm.model, lm.tokenizer, hook_names=[HF_HOOK])
+    ds = datasets.Dataset.from_dict({"input_ids": seqs})
+    runner = LanguageModelSAETrainingRunner(cfg, override_dataset=ds, override_model=model)
+    t = time.perf_counter()
+    runner.run()
+    sec = time.perf_counter() - t
+    print(f"SAELens: {a.tokens:,} tokens in {sec:.1f} s", flush=True)
+    return sec
+
+
+def main(argv=None) -> dict:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--tokens", type=int, default=262144)
+    p.add_argument("--expansion", type=int, default=8)
+    p.add_argument("--batch", type=int, default=4096)
+    p.add_argument("--context", type=int, default=128)
+    p.add_argument("--out", default=str(ROOT / "benchmarks" / "results"))
+    a = p.parse_args(argv)
+    torch.manual_seed(0)
+    lm = load_model("smollm2-135m-instruct")
+    with tempfile.TemporaryDirectory() as tmp:
+        cfg = build_config(TrainConfig, overrides=dict(
+            model="smollm2-135m-instruct", hook="blocks.0.hook_mlp_out", data="chat", context_size=a.context,
+            expansion_factor=a.expansion, training_tokens=a.tokens, train_batch_size_tokens=a.batch,
+            buffer_size_tokens=16 * a.batch, lr=1e-3, l1_coefficient=5.0, normalize_activations="none",
+            eval_every=0, n_checkpoints=0, resume_checkpoint_minutes=0, output_dir=tmp))
+        seqs = _sequences(cfg, lm.tokenizer, a.tokens)
+        ours = _ours(cfg, lm, seqs)
+        try:
+            theirs = _saelens(a, lm, seqs, tmp)
+        except ImportError:
+            theirs = None
+            print("sae_lens is not installed: run this inside .venv-saelens (make bench-saelens)")
+    res = {"cpu": platform.processor() or platform.machine(), "torch_threads": torch.get_num_threads(),
+           "tokens": a.tokens, "d_sae": a.expansion * 576, "context": a.context, "batch": a.batch,
+           "ours_seconds": ours, "ours_tokens_per_second": a.tokens / ours,
+           "saelens_seconds": theirs, "saelens_tokens_per_second": a.tokens / theirs if theirs else None,
+           "speedup": theirs / ours if theirs else None,
+           "peak_rss_gib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** 20}
+    out = Path(a.out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "e2e_vs_saelens_cpu.json").write_text(json.dumps(res, indent=2) + "\n")
+    md = ["# Model + SAE end to end: domain-sae vs SAELens LanguageModelSAETrainingRunner (CPU)", "",
+          f"SmolLM2-135M-Instruct layer-0 MLP out, d_sae {res['d_sae']}, ctx {a.context}, batch {a.batch}, "
+          f"{a.tokens:,} chat tokens, fp32, {res['torch_threads']} threads", "",
+          "| | seconds | tokens/s |", "|---|---|---|",
+          f"| domain-sae | {ours:.1f} | {a.tokens / ours:,.0f} |"]
+    if theirs:
+        md += [f"| SAELens | {theirs:.1f} | {a.tokens / theirs:,.0f} |", "",
+               f"speed-up: **{theirs / ours:.2f}x**"]
+    (out / "e2e_vs_saelens_cpu.md").write_text("\n".join(md) + "\n")
+    print("\n".join(md))
+    return res
+
+
+if __name__ == "__main__":
+    main()
