@@ -57,8 +57,8 @@ class Progress:
         if self.write and (now - self.last >= self.every or self.done >= self.total):
             rate = self.done / max(now - self.t0, 1e-9)
             eta = (self.total - self.done) / max(rate, 1e-9)
-            self.write(f"[features] {label}: {self.done:,}/{self.total:,} tokens ({100 * self.done / self.total:.0f}%)"
-                       f", {rate:,.0f} tokens/s, ETA {eta:.0f} s")
+            self.write(f"[features] {self.done:,}/{self.total:,} tokens of all datasets "
+                       f"({100 * self.done / self.total:.0f}%; now {label}), {rate:,.0f} tokens/s, ETA {eta:.0f} s")
             self.last = now
 
     def note(self, line: str) -> None:

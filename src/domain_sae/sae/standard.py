@@ -94,8 +94,12 @@ class StandardSAE(BaseSAE):
         else:
             f = torch.relu(self.encode_pre(x2))
             x_hat = f @ self.W_dec + self.b_dec
-            weighted = f * self.decoder_norms() if self.cfg.scale_sparsity_penalty_by_decoder_norm else f
-            l1 = weighted.norm(p=p, dim=-1).mean()
+            if p == 1.0:  # f >= 0, so ||f * s||_1 = f . s: a matrix-vector product, not a [B, d_sae] temporary
+                s_dec = self.decoder_norms() if self.cfg.scale_sparsity_penalty_by_decoder_norm else None
+                l1 = (f @ s_dec if s_dec is not None else f.sum(-1)).mean()
+            else:
+                weighted = f * self.decoder_norms() if self.cfg.scale_sparsity_penalty_by_decoder_norm else f
+                l1 = weighted.norm(p=p, dim=-1).mean()
             latents = f
             self._observe_density(lambda: (f.detach() > 0).float().mean(), x2.device)
         mse = self.mse(x2, x_hat)
