@@ -8,8 +8,9 @@ Workload (issue 9's end-to-end target): the offline default SmolLM2-135M-Instruc
 (ours `blocks.0.hook_mlp_out`; SAELens, which wraps a Hugging Face model in its `HookedProxyLM`, the same module
 `model.layers.0.mlp`, and stops the forward after it as we do), ReLU + L1 SAE with 8 x 576 = 4,608 latents,
 lr 1e-3, L1 5, batch 4,096 tokens, context 128, fp32 on CPU. Both read the same token sequences: the first
-``--tokens`` tokens (plus two buffers' worth) of the training split of the built-in `chat` data, packed by our data pipeline (chat
-template, BOS per sequence) and handed to SAELens as a pre-tokenized dataset (`override_dataset`). Both keep a
+``--tokens`` tokens (plus two buffers' worth) of the training split of the built-in `chat` data, packed by our
+data pipeline (chat template, BOS per sequence) and handed to SAELens as a pre-tokenized dataset
+(`override_dataset`). Both keep a
 shuffle buffer of 16 batches, 65,536 tokens (our buffer_size_tokens; SAELens's n_batches_in_buffer x context
 size, with its half-refill mixing), neither evaluates or checkpoints during training, SAELens logs nothing to wandb.
 
@@ -58,7 +59,7 @@ def _ours(cfg: TrainConfig, lm, seqs: list[list[int]]) -> float:
     res = pipeline.train(cfg, lm=lm, quiet=True)
     sec = time.perf_counter() - t
     print(f"domain-sae: {cfg.training_tokens:,} tokens in {sec:.1f} s; final L0 "
-          f"{res.summary.get('metrics/l0', float('nan')):.1f}", flush=True)
+          f"{res.summary.get('metrics', {}).get('metrics/l0', float('nan')):.1f}", flush=True)
     return sec
 
 
@@ -75,7 +76,8 @@ def _saelens(a, lm, seqs: list[list[int]], tmp: str) -> float:
         model_name="smollm2-135m-instruct", model_class_name="AutoModelForCausalLM", hook_name=HF_HOOK,
         dataset_path="local", is_dataset_tokenized=True, streaming=False, context_size=a.context,
         prepend_bos=False, training_tokens=a.tokens, train_batch_size_tokens=a.batch,
-        n_batches_in_buffer=16 * a.batch // a.context, store_batch_size_prompts=16, lr=1e-3, device="cpu", dtype="float32",
+        n_batches_in_buffer=16 * a.batch // a.context, store_batch_size_prompts=16, lr=1e-3, device="cpu",
+        dtype="float32",
         logger=LoggingConfig(log_to_wandb=False), n_checkpoints=0, save_final_checkpoint=False,
         checkpoint_path=str(Path(tmp) / "ckpt"), output_path=str(Path(tmp) / "out"), verbose=False,
         n_eval_batches=0, feature_sampling_window=1000, dead_feature_window=1000)
