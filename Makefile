@@ -6,7 +6,7 @@ BIN    := $(VENV)/bin
 PIP    := $(BIN)/pip install --disable-pip-version-check -q -c constraints.txt
 STAMP  := $(VENV)/.installed
 
-.PHONY: setup demo demo-quick test test-slow test-saelens bench bench-saelens clean
+.PHONY: setup demo demo-quick test test-slow test-saelens bench bench-saelens bench-e2e-saelens clean
 
 $(STAMP): pyproject.toml constraints.txt Makefile
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -54,6 +54,11 @@ test-saelens: $(SL_STAMP)
 bench-saelens: $(SL_STAMP)
 	$(SL_BIN)/python benchmarks/bench_vs_saelens.py
 	$(SL_BIN)/python benchmarks/bench_sae_step.py
+
+# Model + SAE end to end vs SAELens's runner, ReLU then TopK, 1M tokens each (about 25 minutes on 2 CPU cores).
+bench-e2e-saelens: $(SL_STAMP)
+	$(SL_BIN)/python benchmarks/bench_e2e_vs_saelens.py --tokens 1048576
+	$(SL_BIN)/python benchmarks/bench_e2e_vs_saelens.py --tokens 1048576 --architecture topk
 
 bench: setup
 	$(BIN)/python benchmarks/bench_train.py

@@ -3,11 +3,13 @@
 Run inside .venv-saelens (it has both):
 
     .venv-saelens/bin/python benchmarks/bench_e2e_vs_saelens.py [--tokens 262144] [--expansion 8] [--context 128]
+                                                                [--architecture standard|topk] [--k 32]
 
 Workload (issue 9's end-to-end target): the offline default SmolLM2-135M-Instruct, the layer-0 MLP output
 (ours `blocks.0.hook_mlp_out`; SAELens, which wraps a Hugging Face model in its `HookedProxyLM`, the same module
-`model.layers.0.mlp`, and stops the forward after it as we do), ReLU + L1 SAE with 8 x 576 = 4,608 latents,
-lr 1e-3, L1 5, batch 4,096 tokens, context 128, fp32 on CPU. Both read the same token sequences: the first
+`model.layers.0.mlp`, and stops the forward after it as we do), ReLU + L1 SAE (or with ``--architecture topk``
+SAELens's TopK and ours, k 32) with 8 x 576 = 4,608 latents, lr 1e-3, L1 5, batch 4,096 tokens, context 128,
+fp32 on CPU. Both read the same token sequences: the first
 ``--tokens`` tokens (plus two buffers' worth) of the training split of the built-in `chat` data, packed by our
 data pipeline (chat template, BOS per sequence) and handed to SAELens as a pre-tokenized dataset
 (`override_dataset`). Both keep a
@@ -68,11 +70,15 @@ def _saelens(a, lm, seqs: list[list[int]], tmp: str) -> float:
     from sae_lens import LanguageModelSAERunnerConfig, LanguageModelSAETrainingRunner, LoggingConfig
     from sae_lens.load_model import HookedProxyLM
     from sae_lens.saes.standard_sae import StandardTrainingSAEConfig
+    from sae_lens.saes.topk_sae import TopKTrainingSAEConfig
 
     logging.getLogger("sae_lens").setLevel(logging.ERROR)
+    sae_cfg = (TopKTrainingSAEConfig(d_in=576, d_sae=a.expansion * 576, k=a.k, dtype="float32", device="cpu")
+               if a.architecture == "topk" else
+               StandardTrainingSAEConfig(d_in=576, d_sae=a.expansion * 576, l1_coefficient=5.0, dtype="float32",
+                                         device="cpu"))
     cfg = LanguageModelSAERunnerConfig(
-        sae=StandardTrainingSAEConfig(d_in=576, d_sae=a.expansion * 576, l1_coefficient=5.0, dtype="float32",
-                                      device="cpu"),
+        sae=sae_cfg,
         model_name="smollm2-135m-instruct", model_class_name="AutoModelForCausalLM", hook_name=HF_HOOK,
         dataset_path="local", is_dataset_tokenized=True, streaming=False, context_size=a.context,
         prepend_bos=False, training_tokens=a.tokens, train_batch_size_tokens=a.batch,
@@ -97,6 +103,8 @@ def main(argv=None) -> dict:
     p.add_argument("--expansion", type=int, default=8)
     p.add_argument("--batch", type=int, default=4096)
     p.add_argument("--context", type=int, default=128)
+    p.add_argument("--architecture", choices=["standard", "topk"], default="standard")
+    p.add_argument("--k", type=int, default=32)
     p.add_argument("--out", default=str(ROOT / "benchmarks" / "results"))
     a = p.parse_args(argv)
     torch.manual_seed(0)
@@ -106,6 +114,7 @@ def main(argv=None) -> dict:
             model="smollm2-135m-instruct", hook="blocks.0.hook_mlp_out", data="chat", context_size=a.context,
             expansion_factor=a.expansion, training_tokens=a.tokens, train_batch_size_tokens=a.batch,
             buffer_size_tokens=16 * a.batch, lr=1e-3, l1_coefficient=5.0, normalize_activations="none",
+            architecture=a.architecture, k=a.k,
             eval_every=0, n_checkpoints=0, resume_checkpoint_minutes=0, output_dir=tmp))
         # the training tokens plus two shuffle buffers: both read past the last trained batch to fill theirs
         seqs = _sequences(cfg, lm.tokenizer, a.tokens + 2 * 16 * a.batch)
@@ -115,7 +124,8 @@ def main(argv=None) -> dict:
         except ImportError:
             theirs = None
             print("sae_lens is not installed: run this inside .venv-saelens (make bench-saelens)")
-    res = {"cpu": platform.processor() or platform.machine(), "torch_threads": torch.get_num_threads(),
+    res = {"architecture": a.architecture, "k": a.k if a.architecture == "topk" else None,
+           "cpu": platform.processor() or platform.machine(), "torch_threads": torch.get_num_threads(),
            "tokens": a.tokens, "d_sae": a.expansion * 576, "context": a.context, "batch": a.batch,
            "ours_seconds": ours, "ours_tokens_per_second": a.tokens / ours,
            "saelens_seconds": theirs, "saelens_tokens_per_second": a.tokens / theirs if theirs else None,
@@ -123,16 +133,19 @@ def main(argv=None) -> dict:
            "peak_rss_gib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** 20}
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
-    (out / "e2e_vs_saelens_cpu.json").write_text(json.dumps(res, indent=2) + "\n")
+    stem = "e2e_vs_saelens_cpu" + ("" if a.architecture == "standard" else f"_{a.architecture}")
+    (out / f"{stem}.json").write_text(json.dumps(res, indent=2) + "\n")
     md = ["# Model + SAE end to end: domain-sae vs SAELens LanguageModelSAETrainingRunner (CPU)", "",
-          f"SmolLM2-135M-Instruct layer-0 MLP out, d_sae {res['d_sae']}, ctx {a.context}, batch {a.batch}, "
+          f"SmolLM2-135M-Instruct layer-0 MLP out, {a.architecture}"
+          + (f" k={a.k}" if a.architecture == "topk" else " (ReLU + L1 5)")
+          + f", d_sae {res['d_sae']}, ctx {a.context}, batch {a.batch}, "
           f"{a.tokens:,} chat tokens, fp32, {res['torch_threads']} threads", "",
           "| | seconds | tokens/s |", "|---|---|---|",
           f"| domain-sae | {ours:.1f} | {a.tokens / ours:,.0f} |"]
     if theirs:
         md += [f"| SAELens | {theirs:.1f} | {a.tokens / theirs:,.0f} |", "",
                f"speed-up: **{theirs / ours:.2f}x**"]
-    (out / "e2e_vs_saelens_cpu.md").write_text("\n".join(md) + "\n")
+    (out / f"{stem}.md").write_text("\n".join(md) + "\n")
     print("\n".join(md))
     return res
 
