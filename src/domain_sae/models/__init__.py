@@ -1,8 +1,10 @@
 """Language models: loading (:mod:`.load`: the :class:`LanguageModel` protocol, :class:`LoadedModel`,
-:func:`as_module`, the one way to unwrap) and hook points for reading/patching activations (:mod:`.hooks`)."""
+:func:`as_module`, the one way to unwrap), hook points for reading/patching activations (:mod:`.hooks`) and
+KV-cached patched steps for generation (:mod:`.incremental`)."""
 
-from .hooks import (HookError, HookPoint, as_hook, capture, forward_with_capture, forward_with_patch,
-                    forward_with_patch_cached, hook_d_in, list_hook_names, resolve_hook)
+from .hooks import (HookError, HookPoint, as_hook, capture, forward_with_capture, forward_with_patch, hook_d_in,
+                    list_hook_names, resolve_hook)
+from .incremental import forward_with_patch_cached
 from .names import normalise_model_name, same_model_name
 from .load import (LanguageModel, LoadedModel, ModelLoadError, ModelOrModule, as_module, load_model, max_context,
                    resolve_device, tokenizer_of)

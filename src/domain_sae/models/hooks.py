@@ -31,11 +31,10 @@ Names accepted by :func:`resolve_hook`:
 from __future__ import annotations
 
 import difflib
-import inspect
 import re
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
-from typing import Any, Callable, Iterator, Literal, Optional
+from typing import Callable, Iterator, Literal, Optional
 
 import torch
 from torch import nn
@@ -375,6 +374,14 @@ def forward_with_patch(model: nn.Module, hook: HookPoint, input_ids: torch.Tenso
                        attention_mask: Optional[torch.Tensor] = None) -> torch.Tensor:
     """Logits [B, T, V] of a full forward pass in which the hook's activation ``a`` is replaced by ``patch_fn(a)``
     (same shape; cast to ``a``'s dtype and device). The hook is removed afterwards, also when anything raises."""
+    with _hooked(model, hook, checked_patch(hook, patch_fn)):
+        return _call(model, input_ids, attention_mask).logits
+
+
+def checked_patch(hook: HookPoint, patch_fn: Callable[[torch.Tensor], torch.Tensor]
+                  ) -> Callable[[torch.Tensor], torch.Tensor]:
+    """``patch_fn`` as a hook replacement: its result must have the activation's shape (else :class:`HookError`)
+    and is cast to the activation's dtype and device."""
     def patch(a: torch.Tensor) -> torch.Tensor:
         new = patch_fn(a)
         if not isinstance(new, torch.Tensor) or new.shape != a.shape:
@@ -382,40 +389,7 @@ def forward_with_patch(model: nn.Module, hook: HookPoint, input_ids: torch.Tenso
             raise HookError(f"The patch for hook '{hook.name}' returned {got}, expected a tensor of shape "
                             f"{tuple(a.shape)}.")
         return new.to(device=a.device, dtype=a.dtype)
-
-    with _hooked(model, hook, patch):
-        return _call(model, input_ids, attention_mask).logits
-
-
-def _forward_parameters(model: nn.Module) -> set[str]:
-    try:
-        return set(inspect.signature(model.forward).parameters)
-    except (TypeError, ValueError):
-        return set()
-
-
-def forward_with_patch_cached(model: nn.Module, hook: HookPoint, input_ids: torch.Tensor,
-                              patch_fn: Callable[[torch.Tensor], torch.Tensor], cache: Any = None
-                              ) -> tuple[torch.Tensor, Any]:
-    """One incremental step with a KV cache: ``(logits of the last position [B, V], updated cache)`` for the new
-    tokens ``input_ids`` [B, n] after the positions already in ``cache`` (None: the first step, over the prompt). The
-    patch sees the hook's activation of the new positions only, so the result equals :func:`forward_with_patch` on
-    the whole sequence exactly when ``patch_fn`` acts on each position independently. Returns ``(logits, None)``
-    after a full forward when the model takes no cache (the caller then passes the whole sequence each step)."""
-    params = _forward_parameters(model)
-    # the KV cache's name: transformers 5 ``cache``, 4 ``past_key_values``
-    name = next((n for n in ("cache", "past_key_values") if n in params), None)
-    if name is None or "use_cache" not in params:
-        return forward_with_patch(model, hook, input_ids, patch_fn)[:, -1], None
-    kw: dict[str, Any] = {"use_cache": True}
-    if cache is not None:
-        kw[name] = cache
-    if "logits_to_keep" in params:
-        kw["logits_to_keep"] = 1
-    with _hooked(model, hook, lambda a: patch_fn(a).to(device=a.device, dtype=a.dtype)):
-        out = model(input_ids=input_ids, **kw)
-    new_cache = getattr(out, "cache", None)
-    return out.logits[:, -1], new_cache if new_cache is not None else getattr(out, "past_key_values", None)
+    return patch
 
 
 def hook_d_in(model: nn.Module, hook: HookPoint) -> int:
