@@ -180,7 +180,9 @@ def test_ce_kl_and_scores_match_manual(model, batch, all_positions):
         block = out["segments"][name]
         assert block["tokens/lm_counted"] == int(m.sum())
         assert block["metrics/ce_loss_with_sae"] == pytest.approx(_ce(with_sae, ids, m), rel=1e-6)
-        assert block["metrics/kl_div_with_sae"] == pytest.approx(_kl(clean, with_sae, m), rel=1e-5)
+        # float32 elementwise KL (evaluation/next_token.py): absolute error <= 1e-6 per position by contract;
+        # a small segment's KL (~2e-3) is off by ~4e-8, above rel=1e-5 on some CPUs
+        assert block["metrics/kl_div_with_sae"] == pytest.approx(_kl(clean, with_sae, m), rel=1e-5, abs=1e-6)
     assert "special" not in " ".join(out["segments"])
 
 
