@@ -96,6 +96,9 @@ def build_parser() -> argparse.ArgumentParser:
     C.add_arguments(ev, C.EvalConfig, skip=("data",))
     ev.add_argument("--data", action="append", dest="datasets", metavar="DATA",
                     help="Dataset to evaluate on (repeatable): chat, code, a file or a hub id. Default: chat and code.")
+    ev.add_argument("--activations", action="append", dest="caches", metavar="CACHE", default=None,
+                    help="Held-out activation cache (repeatable; one dataset each; dsae cache --split heldout): "
+                         "reconstruction metrics without running the model (no CE/KL).")
 
     cmp_ = sub.add_parser("compare", help="Run the domain-adaptation study described by a config file.")
     cmp_.add_argument("study_config", help="Study config (YAML/TOML), e.g. configs/study_demo.yaml.")
@@ -122,6 +125,9 @@ def _feature_parsers(sub) -> None:
     fe.add_argument("--data", action="append", dest="datasets", metavar="DATA",
                     help="Dataset (repeatable): chat, code, a file or a hub id. Default: chat and code.")
     fe.add_argument("--tokens", type=int, default=16384, help="Held-out tokens per dataset (default 16384).")
+    fe.add_argument("--activations", action="append", dest="caches", metavar="CACHE", default=None,
+                    help="Held-out activation cache (repeatable, one dataset each; dsae cache --split heldout) to "
+                         "read instead of running the model; replaces --data and --tokens.")
     fe.add_argument("--out", required=True, help="Store file to write, e.g. features.sqlite.")
     fe.add_argument("--overwrite", action="store_true", help="Replace an existing store at --out.")
     fe.add_argument("--model", default=None, help="Language model (default: the first SAE's metadata model).")
@@ -148,9 +154,11 @@ def _feature_parsers(sub) -> None:
 
 def _cache_parser(sub) -> None:
     ca = sub.add_parser("cache", help="Cache a model's activations at one or more hooks over a dataset.",
-                        description="One model pass (stopped at the deepest hook) over the training split; "
-                                    "resumable shards with token ids, positions, segments and sha256 checksums. "
-                                    "Train from it with dsae train --activations OUT.")
+                        description="One model pass (stopped at the deepest hook) over the training split "
+                                    "(or, with --split heldout, the evaluation's held-out sample); resumable "
+                                    "shards with token ids, positions, segments, the sequences and sha256 "
+                                    "checksums. Train from it with dsae train --activations OUT; evaluate or "
+                                    "build a feature store from a held-out one with --activations OUT.")
     ca.add_argument("--config", help="YAML or TOML file of data options (CLI flags override it).")
     ca.add_argument("--hook", action="append", dest="hooks", metavar="HOOK", required=True,
                     help="Hook point to cache (repeatable, e.g. --hook blocks.3.hook_resid_post --hook ...).")
@@ -160,6 +168,9 @@ def _cache_parser(sub) -> None:
                     help="Storage dtype of the activations (default float32).")
     ca.add_argument("--shard-tokens", type=int, default=None, help="Tokens per shard (default: about 256 MiB).")
     ca.add_argument("--overwrite", action="store_true", help="Replace an existing cache at --out.")
+    ca.add_argument("--split", default="train", choices=["train", "heldout"],
+                    help="train (default: for dsae train --activations) or heldout (the evaluation's held-out "
+                         "sample of --tokens tokens, for dsae eval / dsae features --activations).")
     C.add_arguments(ca, C.DataConfig, skip=("hook",))
 
 
@@ -171,11 +182,14 @@ def cmd_cache(ns) -> int:
     lm = load_lm(cfg)
 
     def progress(index: int, manifest: dict) -> None:
-        print(f"shard {index}: {manifest['n_tokens']}/{ns.tokens} tokens", file=sys.stderr, flush=True)
+        print(f"shard {index}: {manifest['n_tokens']} tokens cached ({manifest['n_sequences']} sequences; "
+              f"{ns.tokens} asked)", file=sys.stderr, flush=True)
 
     out = build_cache(lm, ns.hooks, cfg, Path(ns.out), ns.tokens, dtype=ns.dtype, shard_tokens=ns.shard_tokens,
-                      overwrite=ns.overwrite, on_shard=progress)
-    print(f"Activation cache: {out}. Train from it with: dsae train --activations {out} --hook HOOK ...")
+                      overwrite=ns.overwrite, split=ns.split, on_shard=progress)
+    use = "dsae train --activations {} --hook HOOK ..." if ns.split == "train" else \
+        "dsae eval SAE_DIR --activations {} (or dsae features SAE_DIR --activations {} --out F)"
+    print(f"Activation cache: {out}. Use it with: {use.format(out, out)}")
     return 0
 
 
@@ -184,9 +198,9 @@ def cmd_features(ns) -> int:
     from .features.options import FeatureOptions
     values = {f.name: getattr(ns, f.name) for f in dataclasses.fields(FeatureOptions)
               if getattr(ns, f.name, None) is not None}
-    out = build_feature_store(ns.saes, ns.datasets or ["chat", "code"], ns.tokens, ns.out, model=ns.model,
-                              device=ns.device, hook=ns.hook, options=FeatureOptions(**values),
-                              overwrite=ns.overwrite)
+    datasets = ns.datasets or ([] if ns.caches else ["chat", "code"])
+    out = build_feature_store(ns.saes, datasets, ns.tokens, ns.out, model=ns.model, device=ns.device, hook=ns.hook,
+                              options=FeatureOptions(**values), overwrite=ns.overwrite, activations=ns.caches)
     print(f"Feature store: {out}. View it with: dsae dashboard {out}")
     return 0
 
@@ -255,6 +269,14 @@ def cmd_eval(ns) -> int:
     # evaluation API itself; an explicit --hook refuses SAEs trained at another hook.
     cfg = C.from_dict(C.EvalConfig, values, source=ns.config or "command line")
     C.check_finite_floats(cfg)
+    if ns.caches:
+        from .evaluation.cache_eval import eval_matrix_from_cache
+        if ns.datasets:
+            raise C.ConfigError("--data and --activations both choose the evaluation data; give one of them (a "
+                                "held-out cache is one dataset).")
+        eval_matrix_from_cache([Path(s) for s in ns.saes], ns.caches, cfg, out_dir=out)
+        print(f"Wrote {out / 'eval.json'}, {out / 'eval.md'} and heatmaps in {out} (reconstruction metrics only)")
+        return 0
     eval_matrix([Path(s) for s in ns.saes], datasets, cfg, out_dir=out)
     print(f"Wrote {out / 'eval.json'}, {out / 'eval.md'} and heatmaps in {out}")
     return 0

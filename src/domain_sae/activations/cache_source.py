@@ -11,7 +11,7 @@ from ..models.names import same_model_name
 from .cache import CachedActivationSource, CacheError, read_manifest
 from .hook_cache import read_root_manifest, sha256_file
 
-__all__ = ["resolve_cache", "verify_checksums", "check_cache_matches", "open_training_cache"]
+__all__ = ["resolve_cache", "verify_checksums", "check_cache_matches", "open_training_cache", "meta_split"]
 
 
 def resolve_cache(path: str | Path, hook: Optional[str] = None) -> Path:
@@ -74,6 +74,11 @@ def check_cache_matches(manifest: dict, *, model: str, hook: str, d_in: int, con
                          f"--context-size) or build a cache for this config with dsae cache.")
 
 
+def meta_split(manifest: dict) -> str:
+    """The split a single-hook cache manifest holds ("train" for caches that predate the field)."""
+    return str((manifest.get("metadata") or {}).get("split", "train"))
+
+
 def open_training_cache(cfg, *, model_name: str, d_in: int, verify: bool = True,
                         shard: tuple[int, int] = (0, 1)) -> CachedActivationSource:
     """The activation source of ``cfg.activations`` for a training run of ``cfg`` (checked as above); with
@@ -82,6 +87,10 @@ def open_training_cache(cfg, *, model_name: str, d_in: int, verify: bool = True,
     manifest = read_manifest(path)
     check_cache_matches(manifest, model=model_name, hook=cfg.hook, d_in=d_in, context_size=cfg.context_size,
                         path=path)
+    if meta_split(manifest) != "train":
+        raise CacheError(f"The activation cache {path} holds the held-out split (built with dsae cache --split "
+                         f"heldout, for dsae eval and dsae features); training never reads held-out data. Build a "
+                         f"training cache with dsae cache --split train (the default).")
     # A cache with special-token positions serves a config without them (filtered at read time), not the reverse.
     if manifest["exclude_special"] and not cfg.exclude_special_tokens:
         raise CacheError(f"The activation cache {path} was built without special-token positions, but the config "

@@ -51,7 +51,8 @@ from .positions import (ALL_TOKENS, OVERALL, groups, has_template, lm_positions,
 from .uncertainty import (MAX_FIRE_TABLE, DocumentSums, bootstrap_weights, error_bars,
                           reconstruction_from_totals, reconstruction_token_stats)
 
-__all__ = ["SAEResult", "evaluate_saes_on_tokens", "lm_from_totals", "splice_description"]
+__all__ = ["SAEResult", "evaluate_saes_on_tokens", "lm_from_totals", "splice_description", "group_means",
+           "ReconstructionSums", "results_of", "clusters"]
 
 
 def splice_description(all_positions: bool, exclude_special: bool = True) -> str:
@@ -128,7 +129,7 @@ def _validate(input_ids: Tensor, segments: Tensor, doc_ids: Optional[Tensor], *,
     return ids, segs, docs
 
 
-def _clusters(docs: Tensor) -> tuple[Tensor, int]:
+def clusters(docs: Tensor) -> tuple[Tensor, int]:
     """Cluster index per token in [0, D) for document ids >= 0, D for -1 (inserted BOS/padding, never counted)."""
     valid = docs >= 0
     uniq = torch.unique(docs[valid])
@@ -137,22 +138,53 @@ def _clusters(docs: Tensor) -> tuple[Tensor, int]:
     return idx, len(uniq)
 
 
-@torch.no_grad()
-def _group_means(model, hook, ids: Tensor, segs: Tensor, batch_size: int, device) -> dict[str, Tensor]:
-    """Exact float64 mean activation per group (all groups of :func:`.positions.groups`), capture-only pre-pass."""
+def group_means(batches) -> dict[str, Tensor]:
+    """Exact float64 mean activation per group (all groups of :func:`.positions.groups`) over ``batches``, an
+    iterable of ``(a [B, T, d], segments [B, T])``."""
     sums: dict[str, Tensor] = {}
     counts: dict[str, int] = {}
-    for i in range(0, ids.shape[0], batch_size):
-        s = segs[i:i + batch_size]
-        valid = s != PAD
-        attn = None if bool(valid.all()) else valid.long().to(device)
-        a = capture(model, hook, ids[i:i + batch_size].to(device), attention_mask=attn)
-        base = reconstruction_positions(s)
-        for g, m in groups(s, base, True, with_all=True).items():
+    for a, s in batches:
+        for g, m in groups(s, reconstruction_positions(s), True, with_all=True).items():
             xs = a[m.to(a.device)].to(torch.float64)
             sums[g] = sums.get(g, 0) + xs.sum(0)
             counts[g] = counts.get(g, 0) + xs.shape[0]
     return {g: sums[g] / counts[g] for g in sums if counts[g] > 0}
+
+
+@torch.no_grad()
+def _group_means(model, hook, ids: Tensor, segs: Tensor, batch_size: int, device) -> dict[str, Tensor]:
+    """:func:`group_means` of the hook's activations, capture-only pre-pass."""
+    def batches():
+        for i in range(0, ids.shape[0], batch_size):
+            s = segs[i:i + batch_size]
+            valid = s != PAD
+            attn = None if bool(valid.all()) else valid.long().to(device)
+            yield capture(model, hook, ids[i:i + batch_size].to(device), attention_mask=attn), s
+    return group_means(batches())
+
+
+class ReconstructionSums:
+    """The reconstruction metrics of one SAE over batches: a float64 :class:`.metrics.ReconstructionAccumulator`
+    per group (point values) and per-document sums of :func:`.uncertainty.reconstruction_token_stats` (bootstrap)."""
+
+    def __init__(self, means: Mapping[str, Tensor], n_docs: int):
+        self.means, self.n_docs = means, int(n_docs)
+        self.accs: dict[str, ReconstructionAccumulator] = {}
+        self.docs = DocumentSums(self.n_docs + 1)
+
+    def add(self, sae: Any, a: Tensor, rec_groups: Mapping[str, Tensor], cluster: Tensor) -> Tensor:
+        """Add batch ``a`` [B, T, d] (groups: boolean [B, T] masks; cluster: document index per token); returns
+        x̂ (for splicing)."""
+        x_hat, f = reconstruct(sae, a)
+        for g, m in rec_groups.items():
+            if g not in self.accs:
+                self.accs[g] = ReconstructionAccumulator(a.shape[-1], f.shape[-1], mean=self.means.get(g))
+            md = m.to(a.device)
+            self.accs[g].update(a, x_hat, f, mask=md)
+            fires = g == OVERALL and self.n_docs * f.shape[-1] <= MAX_FIRE_TABLE
+            for k, v in reconstruction_token_stats(a[md], x_hat[md], f[md], self.means[g], fires).items():
+                self.docs.add(f"{g}|{k}", v, cluster[m])
+        return x_hat
 
 
 @torch.no_grad()
@@ -169,7 +201,7 @@ def evaluate_saes_on_tokens(saes: Mapping[str, Any], lm: Any, hook: Any, input_i
     ``batch_size`` beyond floating-point rounding of the model itself.
     """
     ids, segs, docs = _validate(input_ids, segments, doc_ids, n_saes=len(saes), batch_size=batch_size)
-    cluster, n_docs = _clusters(docs)
+    cluster, n_docs = clusters(docs)
     model = torch_module(lm)
     hook = as_hook(model, hook)
     device = next(model.parameters()).device
@@ -177,9 +209,8 @@ def evaluate_saes_on_tokens(saes: Mapping[str, Any], lm: Any, hook: Any, input_i
     if OVERALL not in means:
         raise MetricError("No content token (text, user, assistant or system) to evaluate on: the tokens are all "
                           "special or chat-template text. Evaluate on data with ordinary content.")
-    recon: dict[str, dict[str, ReconstructionAccumulator]] = {label: {} for label in saes}
+    recon = {label: ReconstructionSums(means, n_docs) for label in saes}
     lm_sums = DocumentSums(n_docs + 1)
-    rec_sums = {label: DocumentSums(n_docs + 1) for label in saes}
     conds = {label: f"sae:{label}" for label in saes}
     with_all = per_segment and has_template(segs)
 
@@ -207,18 +238,10 @@ def evaluate_saes_on_tokens(saes: Mapping[str, Any], lm: Any, hook: Any, input_i
         clean = CleanLogits(clean_logits, rows, targets)
         add_terms("clean", *clean.terms(None))
         for label, sae in saes.items():
-            x_hat, f = reconstruct(sae, a)
-            for g, m in rec_groups.items():
-                if g not in recon[label]:
-                    recon[label][g] = ReconstructionAccumulator(a.shape[-1], f.shape[-1], mean=means.get(g))
-                recon[label][g].update(a, x_hat, f, mask=m.to(a.device))
-                md = m.to(a.device)
-                fires = g == OVERALL and n_docs * f.shape[-1] <= MAX_FIRE_TABLE
-                for k, v in reconstruction_token_stats(a[md], x_hat[md], f[md], means[g], fires).items():
-                    rec_sums[label].add(f"{g}|{k}", v, c[m])
+            x_hat = recon[label].add(sae, a, rec_groups, c)
             patched = patched_forward(model, hook, x_ids, attn, replace_at(x_hat, where))
             add_terms(conds[label], *clean.terms(patched))
-            del patched, f
+            del patched
         zero = patched_forward(model, hook, x_ids, attn, replace_at(torch.zeros_like(a), where))
         add_terms("zero", *clean.terms(zero))
         del zero
@@ -227,14 +250,21 @@ def evaluate_saes_on_tokens(saes: Mapping[str, Any], lm: Any, hook: Any, input_i
             add_terms("mean", *clean.terms(mean_patched))
             del mean_patched
 
+    extra = (token_counts(segs), splice_description(splice_all_positions, exclude_special))
+    return results_of(recon, lm_sums, conds, mean_ablation, n_docs, n_bootstrap, bootstrap_seed, *extra)
+
+
+def results_of(recon: Mapping[str, ReconstructionSums], lm_sums: DocumentSums, conds: Mapping[str, str],
+               mean_ablation: bool, n_docs: int, n_bootstrap: int, bootstrap_seed: int, counts: dict,
+               splice: str) -> dict[str, SAEResult]:
+    """label -> :class:`SAEResult` from the sums of the pass (``lm_sums`` empty: reconstruction metrics only)."""
     weights = None
     if n_bootstrap > 0:  # the extra zero column is the cluster of inserted BOS / padding (never counted)
         weights = torch.cat([bootstrap_weights(n_docs, n_bootstrap, bootstrap_seed),
                              torch.zeros(n_bootstrap, 1, dtype=torch.float64)], 1)
     lm_reps = lm_sums.totals(weights) if weights is not None else None
-    extra = (token_counts(segs), splice_description(splice_all_positions, exclude_special))
-    return {label: _result(recon[label], rec_sums[label], lm_sums, lm_reps, weights, conds[label], mean_ablation,
-                           *extra) for label in saes}
+    return {label: _result(r.accs, r.docs, lm_sums, lm_reps, weights, conds[label], mean_ablation, counts, splice)
+            for label, r in recon.items()}
 
 
 def _result(accs, rec_sums: DocumentSums, lm_sums: DocumentSums, lm_reps, weights, cond: str, mean_ablation: bool,

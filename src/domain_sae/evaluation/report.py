@@ -110,6 +110,9 @@ _SPLICE_TEXT = {
                      "positions the SAE trains on (its training mask: no padding, no special tokens)",
     "all_positions": "the SAE's reconstruction (and the zero/mean ablation) replaces the hook's output at every "
                      "position, special tokens included (SAELens's convention, --splice-all-positions)",
+    "not_spliced": "none: evaluated from a held-out activation cache (dsae eval --activations) without the model, "
+                   "so only the reconstruction metrics are computed; the CE / KL columns are empty (evaluate "
+                   "without --activations for them)",
 }
 
 

@@ -154,7 +154,7 @@ def check_sae_compatible(sae: Any, label: str, *, model_names: Sequence[str], ho
 # ----------------------------------------------------------------------------------------------------------------
 # Matrix
 
-def _unique_labels(paths: Sequence[str]) -> list[str]:
+def unique_labels(paths: Sequence[str]) -> list[str]:
     """Shortest trailing path parts that tell the paths apart (``runA/sae``, ``runB/sae``)."""
     parts = [Path(p).resolve().parts if Path(p).exists() else Path(p).parts for p in paths]
     parts = [p if p else (str(paths[i]),) for i, p in enumerate(parts)]
@@ -172,7 +172,7 @@ def _unique_labels(paths: Sequence[str]) -> list[str]:
     return out
 
 
-def _versions() -> dict[str, str]:
+def versions() -> dict[str, str]:
     out = {"python": platform.python_version(), "torch": torch.__version__}
     for dist, key in [("transformers", "transformers"), ("domain-sae", "domain-sae"), ("numpy", "numpy")]:
         try:
@@ -231,7 +231,7 @@ def _prepare_saes(saes, sae_labels, paths, model, model_names, cfg, hook, allow_
     return info, groups
 
 
-def _row(label: str, ds_label: str, hook_name: str, r: SAEResult, sample) -> dict:
+def result_row(label: str, ds_label: str, hook_name: str, r: SAEResult, sample) -> dict:
     hist = _histogram(r.log10_feature_density)
     return {"sae": label, "dataset": ds_label, "hook": hook_name, "splice": r.splice, "metrics": dict(r.metrics),
             "errors": r.errors, "segments": r.segments, "tokens": r.tokens,
@@ -239,9 +239,9 @@ def _row(label: str, ds_label: str, hook_name: str, r: SAEResult, sample) -> dic
             "log10_density_histogram": {"bin_edges": hist[0], "counts": hist[1]}}
 
 
-def _plots(rows_by_key, sae_labels, ds_labels, out_dir: Path) -> dict:
+def write_plots(rows_by_key, sae_labels, ds_labels, out_dir: Path, heatmaps=HEATMAPS) -> dict:
     files: dict[str, dict] = {"heatmaps": {}, "density": {}}
-    for key, stem, title, value_format, cbar in HEATMAPS:
+    for key, stem, title, value_format, cbar in heatmaps:
         cells = [[rows_by_key[(s, d)] for d in ds_labels] for s in sae_labels]
         values = [[c["metrics"].get(key) for c in row] for row in cells]
         errors = [[c["errors"].get("overall", {}).get(key, {}).get("se") for c in row] for row in cells]
@@ -258,13 +258,12 @@ def _plots(rows_by_key, sae_labels, ds_labels, out_dir: Path) -> dict:
     return files
 
 
-def _summary(cfg, lm, model, groups, heldout_record, batch_size, info, ds_info, results, files) -> dict:
+def eval_summary(cfg, model_info: dict, hooks, heldout_record, batch_size, info, ds_info, results, files) -> dict:
     """The eval.json structure."""
     return {
         "format": "domain-sae-eval/2",
-        "model": {"name": lm.name, "source": lm.source, "family": lm.family,
-                  "dtype": str(next(model.parameters()).dtype)},
-        "hooks": sorted({h for h, _ in groups}),
+        "model": model_info,
+        "hooks": sorted(set(hooks)),
         "config": dataclasses.asdict(cfg),
         "heldout": heldout_record,
         "splice": "all_positions" if cfg.splice_all_positions else "training_mask",
@@ -273,7 +272,7 @@ def _summary(cfg, lm, model, groups, heldout_record, batch_size, info, ds_info, 
         "mean_ablation": cfg.mean_ablation,
         "seeds": {"eval_seed": cfg.seed, "heldout_seed": cfg.heldout_seed,
                   "sae_training_seeds": {k: v["metadata"].get("seed") for k, v in info.items()}},
-        "versions": _versions(),
+        "versions": versions(),
         "datasets": ds_info,
         "saes": info,
         "results": results,
@@ -312,7 +311,7 @@ def eval_matrix(sae_dirs: Sequence[str | Path], datasets: Sequence[str], cfg: An
     saes = [load_sae(p) for p in paths] if saes is None else list(saes)
     if len(saes) != len(paths):
         raise EvalError(f"{len(saes)} SAEs given for {len(paths)} paths.")
-    sae_labels = _unique_labels(paths)
+    sae_labels = unique_labels(paths)
     cfg, heldout_record = resolve_eval_config(cfg, saes, sae_labels, model_name=None if lm is None else lm.name)
     hook = hook or cfg.hook
     out_dir = Path(out_dir)
@@ -322,7 +321,7 @@ def eval_matrix(sae_dirs: Sequence[str | Path], datasets: Sequence[str], cfg: An
     model = torch_module(lm)
     info, groups = _prepare_saes(saes, sae_labels, paths, model, [lm.name], cfg, hook, allow_model_mismatch)
 
-    ds_labels = _unique_labels([str(d) for d in datasets]) if len(set(map(str, datasets))) == len(datasets) \
+    ds_labels = unique_labels([str(d) for d in datasets]) if len(set(map(str, datasets))) == len(datasets) \
         else [f"{d}#{i}" for i, d in enumerate(datasets)]
     ds_info: dict[str, dict] = {}
     rows_by_key: dict[tuple[str, str], dict] = {}
@@ -341,11 +340,14 @@ def eval_matrix(sae_dirs: Sequence[str | Path], datasets: Sequence[str], cfg: An
                                           splice_all_positions=cfg.splice_all_positions,
                                           n_bootstrap=cfg.n_bootstrap, bootstrap_seed=cfg.seed)
             for label, r in res.items():
-                rows_by_key[(label, ds_label)] = _row(label, ds_label, hook_name, r, sample)
+                rows_by_key[(label, ds_label)] = result_row(label, ds_label, hook_name, r, sample)
     results = [rows_by_key[(s, d)] for s in sae_labels for d in ds_labels]
     prepare_output_dir(out_dir, "eval", option="--out")
-    files = _plots(rows_by_key, sae_labels, ds_labels, out_dir)
-    summary = _summary(cfg, lm, model, groups, heldout_record, batch_size, info, ds_info, results, files)
+    files = write_plots(rows_by_key, sae_labels, ds_labels, out_dir)
+    model_info = {"name": lm.name, "source": lm.source, "family": lm.family,
+                  "dtype": str(next(model.parameters()).dtype)}
+    summary = eval_summary(cfg, model_info, [h for h, _ in groups], heldout_record, batch_size, info, ds_info,
+                           results, files)
     report.write_json(out_dir / "eval.json", summary)
     (out_dir / "eval.md").write_text(report.eval_markdown(report.jsonable(summary)))
     return report.jsonable(summary)

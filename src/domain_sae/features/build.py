@@ -176,9 +176,13 @@ def build_feature_store(sae_dirs: Sequence[str | Path], datasets: Sequence[str],
                         heldout: Mapping[str, tuple[torch.Tensor, torch.Tensor]] | None = None,
                         data_overrides: Mapping[str, Any] | None = None,
                         options: FeatureOptions | None = None, overwrite: bool = False,
+                        activations: Sequence[str | Path] | None = None,
                         write: Callable[[str], None] | None = _default_write) -> Path:
     """Build the store at ``out`` (an SQLite file) for ``sae_dirs`` (ours or SAELens's; or pass loaded ``saes``)
-    on ``n_tokens`` held-out tokens of each dataset spec (``heldout`` may map a spec to ``(ids, segments)``).
+    on ``n_tokens`` held-out tokens of each dataset spec (``heldout`` may map a spec to ``(ids, segments)``), or,
+    with ``activations`` (held-out caches of `dsae cache --split heldout`, one dataset each; ``datasets`` empty,
+    ``n_tokens`` unused), on each cache's sample and activations without running the model (it is loaded for the
+    tokenizer and the unembedding of the logit effects).
     ``model`` defaults to the first SAE's metadata model (``lm``: a LoadedModel to reuse); each SAE runs at its
     metadata hook unless ``hook`` is given. Returns ``out``. Reason for the length: it is the orchestration of
     the whole build (checks, prediction, pass, finalisation, atomic rename) kept in one readable place."""
@@ -188,9 +192,12 @@ def build_feature_store(sae_dirs: Sequence[str | Path], datasets: Sequence[str],
     opts = options or FeatureOptions()
     opts.check()
     out = Path(out)
-    if not datasets:
+    if activations and datasets:
+        raise UserError("--data and --activations both choose the data; give one of them (a held-out cache is one "
+                        "dataset).")
+    if not datasets and not activations:
         raise UserError("No dataset given; pass --data chat, --data code or a file.")
-    if n_tokens <= 0:
+    if n_tokens <= 0 and not activations:
         raise UserError(f"--tokens must be positive (got {n_tokens}).")
     _prepare_out(out, overwrite)
     paths = [str(p) for p in sae_dirs] if sae_dirs else [f"sae_{i}" for i in range(len(saes or []))]
@@ -209,6 +216,11 @@ def build_feature_store(sae_dirs: Sequence[str | Path], datasets: Sequence[str],
         if s.d_in != widths[h]:
             raise UserError(f"SAE {lab} has d_in={s.d_in} but hook {h} of {lm.name} has width {widths[h]}; pass "
                             f"SAEs trained on this model and hook (or --hook).")
+    caches = _open_caches(activations, points, widths, lm.name, metas[0], data_overrides or {}, opts) \
+        if activations else []
+    if caches:
+        datasets = [next(iter(c.values())).data for c in caches]
+        n_tokens = max(int(next(iter(c.values())).input_ids.numel()) for c in caches)
     dcfgs = [_data_cfg(metas[0], str(spec), data_overrides or {}) for spec in datasets]
     ctx = dcfgs[0].context_size
     model_bytes = sum(p.numel() * p.element_size() for p in net.parameters())
@@ -238,7 +250,10 @@ def build_feature_store(sae_dirs: Sequence[str | Path], datasets: Sequence[str],
                 for j, s in enumerate(saes)]
         chunk = pred["chunk_tokens"]
         for k, (spec, dcfg) in enumerate(zip(datasets, dcfgs)):
-            ids, segs = _heldout_tokens(spec, dcfg, lm.tokenizer, n_tokens, heldout)
+            if caches:
+                ids, segs = (next(iter(caches[k].values())).input_ids, next(iter(caches[k].values())).segments)
+            else:
+                ids, segs = _heldout_tokens(spec, dcfg, lm.tokenizer, n_tokens, heldout)
             mask = training_mask(segs, opts.exclude_special)   # the positions SAE training and eval use
             seq_ids.append(ids)
             seq_segs.append(segs)
@@ -249,14 +264,20 @@ def build_feature_store(sae_dirs: Sequence[str | Path], datasets: Sequence[str],
                                                   shape=(ids.shape[0], ids.shape[1], widths[h]))
                      for i, h in enumerate(sorted(points))}
             spills.append(spill)
+            for h, c in (caches[k].items() if caches else ()):  # the cached activations, NaN where none is held
+                for s0, a in c.batches(opts.batch_size):
+                    spill[h][s0:s0 + a.shape[0]] = a.numpy()
             T = ids.shape[1]
             for s0 in range(0, ids.shape[0], opts.batch_size):
                 b_ids = ids[s0:s0 + opts.batch_size].to(lm.device)
                 b_mask = mask[s0:s0 + opts.batch_size]
                 loc = (torch.arange(s0, s0 + b_ids.shape[0])[:, None] * T + torch.arange(T)[None])[b_mask]
                 for h, p in points.items():
-                    a = capture(net, p, b_ids).to(torch.float32)
-                    spill[h][s0:s0 + b_ids.shape[0]] = a.cpu().numpy()
+                    if caches:
+                        a = torch.from_numpy(np.array(spill[h][s0:s0 + b_ids.shape[0]])).to(lm.device)
+                    else:
+                        a = capture(net, p, b_ids).to(torch.float32)
+                        spill[h][s0:s0 + b_ids.shape[0]] = a.cpu().numpy()
                     x = a[b_mask.to(a.device)]
                     for j, s in enumerate(saes):
                         if hooks[j] != h:
@@ -285,6 +306,7 @@ def build_feature_store(sae_dirs: Sequence[str | Path], datasets: Sequence[str],
             "datasets": [{"spec": r[1], "tokens": r[2], "kept_tokens": r[3]} for r in ds_rows],
             "data_config": {k: getattr(dcfgs[0], k) for k in ("context_size", "prepend_bos", "holdout_fraction")},
             "tokens_per_dataset_requested": int(n_tokens), "options": dataclasses.asdict(opts),
+            "activation_caches": [str(next(iter(c.values())).path) for c in caches] or None,
             "predicted_memory_bytes": pred, "build_seconds": round(time.perf_counter() - prog.t0, 2),
         }
         put_meta(conn, "provenance", provenance)
@@ -299,6 +321,26 @@ def build_feature_store(sae_dirs: Sequence[str | Path], datasets: Sequence[str],
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     prog.note(f"wrote {out} ({out.stat().st_size / 1e6:.1f} MB) in {time.perf_counter() - prog.t0:.1f} s")
+    return out
+
+
+def _open_caches(paths, points, widths, model_name, meta, overrides, opts) -> list[dict]:
+    """{hook: HeldoutCache} per cache path, each checked against the model, the SAEs' hooks and held-out data."""
+    from ..activations.heldout_cache import heldout_data_mismatch, open_heldout_cache
+    out = []
+    for path in paths:
+        opened = {h: open_heldout_cache(path, h) for h in sorted(points)}
+        for h, c in opened.items():
+            problems = heldout_data_mismatch(c, _data_cfg(meta, c.data, overrides), model=model_name)
+            if c.d_in != widths[h]:
+                problems.append(f"width {c.d_in} at {h} (the model's: {widths[h]})")
+            if c.manifest["exclude_special"] and not opts.exclude_special:
+                problems.append("no special-token positions (the store is asked to include them)")
+            if problems:
+                raise UserError(f"The activation cache {c.path} does not fit this feature store: it holds "
+                                f"{'; '.join(problems)}. Build the cache with the SAEs' options (dsae cache --split "
+                                f"heldout ...) or build the store from the live model (--data).")
+        out.append(opened)
     return out
 
 

@@ -11,7 +11,8 @@ reservoir's random keys (quantile samples); a candidate is skipped when
 Quantile samples: the reservoir (a uniform sample of the latent's active positions) gives the percentile table
 and ``n_intervals`` equal-probability intervals ``[q_j, q_{j+1}]`` of the active values; each interval gets up to
 ``per_interval`` samples, never a position that is among the top-k examples (overall or per dataset).
-The window activations are ``f_i = ReLU((x - a b_dec) . W_enc[:, i] + b_enc[i])`` of the spilled hook activations.
+The window activations are ``f_i = ReLU((x - a b_dec) . W_enc[:, i] + b_enc[i])`` of the spilled hook activations
+(0 at positions a held-out activation cache does not hold: special tokens of a cache built without them).
 """
 
 from __future__ import annotations
@@ -141,7 +142,8 @@ def finalize_sae(conn: sqlite3.Connection, j: int, sae: Any, accs: list[LatentAc
                 for rank, (v, ds, seq, pos) in enumerate(group):
                     lo, hi = _window(pos, T, opts)
                     x = spills[ds][seq, lo:hi]
-                    acts = np.maximum((x - shift) @ W_enc[:, i] + b_enc[i], 0).astype(np.float32)
+                    acts = np.nan_to_num(np.maximum((x - shift) @ W_enc[:, i] + b_enc[i], 0).astype(np.float32),
+                                         nan=0.0)  # NaN: a position an activation cache does not hold
                     ex_rows.append((j, i, scope, kind, rank, interval if kind == "quantile" else None, ds, seq,
                                     pos, v, lo, acts.tobytes()))
         search = " \u2016 ".join("".join(seq_texts[ds][seq][max(0, pos - opts.window_before):
