@@ -14,7 +14,10 @@ fp32 on CPU. Both read the same token sequences: the first
 data pipeline (chat template, BOS per sequence) and handed to SAELens as a pre-tokenized dataset
 (`override_dataset`). Both keep a
 shuffle buffer of 16 batches, 65,536 tokens (our buffer_size_tokens; SAELens's n_batches_in_buffer x context
-size, with its half-refill mixing), neither evaluates or checkpoints during training, SAELens logs nothing to wandb.
+size, with its half-refill mixing), both run the model on 16 sequences per forward (our model_batch_size, SAELens's
+store_batch_size_prompts), neither evaluates or checkpoints during training, SAELens logs nothing to wandb.
+Ours does more work on the data side: it renders and tokenizes the chat data as it trains (SAELens reads the
+pre-tokenized sequences) and skips the special-token positions (so it runs the model on a few % more tokens).
 
 The SAELens model is our already loaded model (`override_model`: the GGUF file of the offline default cannot be
 loaded by SAELens's own loader without a network), so both time training only, not model loading. SAELens
@@ -114,7 +117,7 @@ def main(argv=None) -> dict:
             model="smollm2-135m-instruct", hook="blocks.0.hook_mlp_out", data="chat", context_size=a.context,
             expansion_factor=a.expansion, training_tokens=a.tokens, train_batch_size_tokens=a.batch,
             buffer_size_tokens=16 * a.batch, lr=1e-3, l1_coefficient=5.0, normalize_activations="none",
-            architecture=a.architecture, k=a.k,
+            architecture=a.architecture, k=a.k, model_batch_size=16,  # = SAELens's store_batch_size_prompts
             eval_every=0, n_checkpoints=0, resume_checkpoint_minutes=0, output_dir=tmp))
         # the training tokens plus two shuffle buffers: both read past the last trained batch to fill theirs
         seqs = _sequences(cfg, lm.tokenizer, a.tokens + 2 * 16 * a.batch)

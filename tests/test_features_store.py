@@ -118,7 +118,8 @@ def test_top_k_contexts_match_brute_force(built, module_lm):
             lo, hi = ex["lo"], ex["lo"] + len(ex["acts"])
             assert lo == max(0, ex["pos"] - OPTS["window_before"])
             assert hi == min(f.shape[1], ex["pos"] + OPTS["window_after"] + 1)
-            assert np.allclose(ex["acts"], f[ex["seq"], lo:hi, i].numpy(), atol=1e-5)
+            kept = bf[ex["ds"]][1][ex["seq"], lo:hi]  # the SAE is not applied at special/pad positions: 0
+            assert np.allclose(ex["acts"], (f[ex["seq"], lo:hi, i] * kept).numpy(), atol=1e-5)
             assert ex["ids"] == held[["chat", "code"][ex["ds"]]][0][ex["seq"], lo:hi].tolist()
         for d, block in enumerate(feat["top_by_dataset"]):
             want_d = dedup_top([e for e in entries if e[1] == d], OPTS["top_k_per_dataset"], ids_by_ds,
@@ -292,3 +293,37 @@ def test_memory_is_predicted_and_limited(tiny_lm, tmp_path):
     big = build_mod.predict_memory([32768], [32], 2, FeatureOptions(), model_bytes=0, context_size=32, d_model=32,
                                    vocab=100)
     assert big["accumulators"] == pytest.approx(32.768 * small["accumulators"])
+
+
+@pytest.mark.parametrize("arch", ["topk", "jumprelu"])
+def test_window_activations_are_the_architectures_own(arch, module_lm, tmp_path):
+    """The TopK family selects per token (a latent with a positive pre-activation that is not among the k largest
+    shows 0) and JumpReLU gates by its threshold: every window value equals sae.encode at that position."""
+    from domain_sae.sae.model_config import SAEModelConfig
+    from domain_sae.sae.registry import get_sae_class
+    extra = {"k": 4} if arch == "topk" else {"jumprelu_init_threshold": 1.0}
+    sae = get_sae_class(arch)(SAEModelConfig(architecture=arch, d_in=32, d_sae=48, apply_b_dec_to_input=False,
+                                             metadata={"hook_name": HOOK, "model_name": "tiny", "context_size": 32},
+                                             **extra))
+    g = torch.Generator().manual_seed(3)
+    with torch.no_grad():
+        sae.W_enc.copy_(torch.randn(32, 48, generator=g) * (3.0 if arch == "topk" else 100.0))
+        sae.b_enc.fill_(0.1 if arch == "topk" else -0.3)
+    held = heldout_sets(module_lm.tokenizer)
+    out = build_feature_store([tmp_path / arch], ["chat", "code"], 192, tmp_path / "f.sqlite", lm=module_lm,
+                              saes=[sae], heldout=held, options=FeatureOptions(**OPTS), write=None)
+    st = FeatureStore(out)
+    bf = brute(module_lm, sae, held)
+    hp = resolve_hook(module_lm.model, HOOK)
+    pre = [sae.encode_pre(capture(module_lm.model, hp, held[spec][0])).detach() for spec in ("chat", "code")]
+    checked = suppressed = 0
+    for i in range(48):
+        for ex in st.feature(0, i)["top"]:
+            f, kept = bf[ex["ds"]][0], bf[ex["ds"]][1]
+            lo, hi = ex["lo"], ex["lo"] + len(ex["acts"])
+            want = (f[ex["seq"], lo:hi, i] * kept[ex["seq"], lo:hi]).numpy()
+            assert np.allclose(ex["acts"], want, atol=1e-5)
+            z = pre[ex["ds"]][ex["seq"], lo:hi, i].numpy()
+            suppressed += int(((z > 0) & (want == 0) & kept[ex["seq"], lo:hi].numpy()).sum())
+            checked += len(want)
+    assert checked > 100 and suppressed > 0  # the gate mattered: ReLU(z) alone would have shown those

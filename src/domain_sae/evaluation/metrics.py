@@ -144,9 +144,9 @@ class ReconstructionAccumulator:
         self._n_l2 += int(nz.sum())
         self._sum_xhat_sq += float((xh_norm ** 2).sum())
         self._sum_dot += float(dot.sum())
-        fired = f > 0
-        self._sum_l0 += int(fired.sum())
-        self._fire_counts += fired.sum(0).to(torch.int64)
+        counts = (f > 0).sum(0, dtype=torch.int32).to(torch.int64)  # one reduction; L0 is its total
+        self._sum_l0 += int(counts.sum())
+        self._fire_counts += counts
         self.n += n
 
     # ------------------------------------------------------------------------------------------------------------

@@ -245,6 +245,7 @@ def build_feature_store(sae_dirs: Sequence[str | Path], datasets: Sequence[str],
         create_schema(conn)
         edges = hist_edges(opts.hist_lo, opts.hist_hi, opts.hist_bins)
         seq_ids, seq_segs, seq_texts, masks, spills, ds_rows = [], [], [], [], [], []
+        gates: list[list[np.ndarray]] = [[] for _ in saes]
         accs = [[LatentAccumulator(s.d_sae, n_candidates=opts.n_candidates, reservoir=opts.reservoir, edges=edges,
                                    seed=opts.seed * 1_000_003 + 7919 * j + k) for k in range(len(datasets))]
                 for j, s in enumerate(saes)]
@@ -264,6 +265,8 @@ def build_feature_store(sae_dirs: Sequence[str | Path], datasets: Sequence[str],
                                                   shape=(ids.shape[0], ids.shape[1], widths[h]))
                      for i, h in enumerate(sorted(points))}
             spills.append(spill)
+            for j in range(len(saes)):  # tau: the smallest non-zero activation per position (finalize.py)
+                gates[j].append(np.full(tuple(ids.shape), np.inf, dtype=np.float32))
             for h, c in (caches[k].items() if caches else ()):  # the cached activations, NaN where none is held
                 for s0, a in c.batches(opts.batch_size):
                     spill[h][s0:s0 + a.shape[0]] = a.numpy()
@@ -284,7 +287,10 @@ def build_feature_store(sae_dirs: Sequence[str | Path], datasets: Sequence[str],
                             continue
                         with torch.no_grad():
                             for c0 in range(0, x.shape[0], chunk):
-                                accs[j][k].update(s.encode(x[c0:c0 + chunk]), loc[c0:c0 + chunk])
+                                f = s.encode(x[c0:c0 + chunk])
+                                accs[j][k].update(f, loc[c0:c0 + chunk])
+                                tau = torch.where(f > 0, f, torch.full_like(f, float("inf"))).amin(-1)
+                                gates[j][k].reshape(-1)[loc[c0:c0 + chunk].cpu().numpy()] = tau.cpu().numpy()
                 prog.advance(int(b_ids.numel()), f"{spec}")
         conn.executemany("INSERT INTO datasets VALUES (?, ?, ?, ?)", ds_rows)
         sae_rows = []
@@ -295,8 +301,8 @@ def build_feature_store(sae_dirs: Sequence[str | Path], datasets: Sequence[str],
                              "d_sae": s.d_sae})
             conn.execute("INSERT INTO saes VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
                          (j, lab, path, sha, h, s.d_in, s.d_sae, json.dumps(m, default=str)))
-            finalize_sae(conn, j, s, accs[j], seq_ids, seq_texts, [sp[h] for sp in spills], opts, lm)
-            accs[j] = []  # free
+            finalize_sae(conn, j, s, accs[j], seq_ids, seq_texts, [sp[h] for sp in spills], opts, lm, gates[j])
+            accs[j], gates[j] = [], []  # free
         write_comparisons(conn, saes, paths, hooks, metas, opts, prog.note)
         provenance = {
             "tool": "domain-sae", "tool_version": __version__, "created": time.strftime("%Y-%m-%dT%H:%M:%SZ",

@@ -11,8 +11,14 @@ reservoir's random keys (quantile samples); a candidate is skipped when
 Quantile samples: the reservoir (a uniform sample of the latent's active positions) gives the percentile table
 and ``n_intervals`` equal-probability intervals ``[q_j, q_{j+1}]`` of the active values; each interval gets up to
 ``per_interval`` samples, never a position that is among the top-k examples (overall or per dataset).
-The window activations are ``f_i = ReLU((x - a b_dec) . W_enc[:, i] + b_enc[i])`` of the spilled hook activations
-(0 at positions a held-out activation cache does not hold: special tokens of a cache built without them).
+The window activations are those of the SAE's own encode at every window position t, without encoding the whole
+window: ``z_i(t) = (x_t - a b_dec) . W_enc[:, i] + b_enc[i]`` of the spilled hook activations, shown as
+``f_i(t) = ReLU(z_i(t)) * 1[z_i(t) > theta_i] * 1[ReLU(z_i(t)) >= (1 - 1e-4) tau(t)]``, where theta_i is the
+latent's JumpReLU threshold (0 for the other architectures) and tau(t) is the smallest non-zero activation of any
+latent at t (stored by the streaming pass; +inf where none fired). The tau gate is what makes it exact for the
+TopK family (latent i is among the selected at t iff its value reaches the smallest selected one) and changes
+nothing for ReLU (every positive latent reaches the smallest positive one); 0 at positions a held-out activation
+cache does not hold (special tokens of a cache built without them).
 """
 
 from __future__ import annotations
@@ -101,8 +107,9 @@ def _quantile_part(vals: np.ndarray, opts: FeatureOptions) -> tuple[np.ndarray, 
 
 def finalize_sae(conn: sqlite3.Connection, j: int, sae: Any, accs: list[LatentAccumulator],
                  seq_ids: list[torch.Tensor], seq_texts: list[list[list[str]]], spills: list[np.ndarray],
-                 opts: FeatureOptions, lm: Any) -> None:
-    """Write the ``latents``, ``latent_datasets`` and ``examples`` rows of SAE ``j``. Reason for the length: the
+                 opts: FeatureOptions, lm: Any, gates: list[np.ndarray]) -> None:
+    """Write the ``latents``, ``latent_datasets`` and ``examples`` rows of SAE ``j`` (``gates``: tau [N, T] per
+    dataset, module docstring). Reason for the length: the
     per-latent loop assembles every piece of the latent's row in one pass over its candidates."""
     ids = [t.numpy() for t in seq_ids]
     T = ids[0].shape[1]
@@ -114,6 +121,8 @@ def finalize_sae(conn: sqlite3.Connection, j: int, sae: Any, accs: list[LatentAc
     W_enc = sae.W_enc.detach().to("cpu", torch.float32).numpy()
     b_enc = sae.b_enc.detach().to("cpu", torch.float32).numpy()
     shift = sae.b_dec.detach().to("cpu", torch.float32).numpy() if sae.cfg.apply_b_dec_to_input else 0.0
+    theta = getattr(sae, "threshold", None)  # JumpReLU's per-latent threshold
+    theta = np.zeros(sae.d_sae, np.float32) if theta is None else theta.detach().to("cpu", torch.float32).numpy()
     logits = _logit_tables(sae, lm, opts)
     nb_v, nb_i = nearest_latents(sae.W_dec, opts.n_neighbours)
     hist_rows, ex_rows = [], []
@@ -142,8 +151,9 @@ def finalize_sae(conn: sqlite3.Connection, j: int, sae: Any, accs: list[LatentAc
                 for rank, (v, ds, seq, pos) in enumerate(group):
                     lo, hi = _window(pos, T, opts)
                     x = spills[ds][seq, lo:hi]
-                    acts = np.nan_to_num(np.maximum((x - shift) @ W_enc[:, i] + b_enc[i], 0).astype(np.float32),
-                                         nan=0.0)  # NaN: a position an activation cache does not hold
+                    z = ((x - shift) @ W_enc[:, i] + b_enc[i]).astype(np.float32)
+                    f = np.maximum(z, 0) * (z > theta[i]) * (np.maximum(z, 0) >= (1 - 1e-4) * gates[ds][seq, lo:hi])
+                    acts = np.nan_to_num(f.astype(np.float32), nan=0.0)  # NaN: a position a cache does not hold
                     ex_rows.append((j, i, scope, kind, rank, interval if kind == "quantile" else None, ds, seq,
                                     pos, v, lo, acts.tobytes()))
         search = " \u2016 ".join("".join(seq_texts[ds][seq][max(0, pos - opts.window_before):

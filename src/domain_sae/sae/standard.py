@@ -21,7 +21,7 @@ from typing import Optional, Union
 
 import torch
 
-from .base import BaseSAE, LossOutput, check_compatible
+from .base import BaseSAE, LossOutput, affine, check_compatible
 from .model_config import DTYPES, SAECompatibilityError, SAEModelConfig, dtype_from_str, dtype_to_str
 from .sparse import from_positive, gather_pre, sparse_decode
 
@@ -78,7 +78,7 @@ class StandardSAE(BaseSAE):
         if self.uses_sparse_kernels():
             xc = x2 - self.b_dec if self.cfg.apply_b_dec_to_input else x2
             with torch.no_grad():
-                z = xc @ self.W_enc + self.b_enc
+                z = affine(xc, self.W_enc, self.b_enc)
             lat = from_positive(z)
             lat = lat.with_vals(gather_pre(lat, xc, self.W_enc, self.b_enc, z))
             x_hat = sparse_decode(lat, self.W_dec) + self.b_dec

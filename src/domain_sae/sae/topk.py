@@ -24,7 +24,7 @@ from typing import Optional
 
 import torch
 
-from .base import BaseSAE, LossOutput
+from .base import BaseSAE, LossOutput, affine
 from .sparse import SparseLatents, from_flat_indices, from_topk, gather_pre, sparse_decode
 
 
@@ -59,13 +59,13 @@ class TopKFamilySAE(BaseSAE):
         xc = x2 - self.b_dec if self.cfg.apply_b_dec_to_input else x2
         if self.kernel_mode != "dense":
             with torch.no_grad():
-                z = xc @ self.W_enc + self.b_enc
+                z = affine(xc, self.W_enc, self.b_enc)
             lat = self._select(z)
             lat = lat.with_vals(torch.relu(gather_pre(lat, xc, self.W_enc, self.b_enc, z)))
             x_hat = sparse_decode(lat, self.W_dec) + self.b_dec
             latents, f, vals = lat, None, lat.vals
         else:
-            z = xc @ self.W_enc + self.b_enc
+            z = affine(xc, self.W_enc, self.b_enc)
             f = self._select_dense(z)
             x_hat = f @ self.W_dec + self.b_dec
             latents, lat, vals = f, None, f[f > 0]
