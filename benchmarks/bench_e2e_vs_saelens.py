@@ -4,6 +4,7 @@ Run inside .venv-saelens (it has both):
 
     .venv-saelens/bin/python benchmarks/bench_e2e_vs_saelens.py [--tokens 262144] [--expansion 8] [--context 128]
                                                                 [--architecture standard|topk] [--k 32]
+                                                                [--data chat|pretokenized]
 
 Workload (issue 9's end-to-end target): the offline default SmolLM2-135M-Instruct, the layer-0 MLP output
 (ours `blocks.0.hook_mlp_out`; SAELens, which wraps a Hugging Face model in its `HookedProxyLM`, the same module
@@ -16,8 +17,11 @@ data pipeline (chat template, BOS per sequence) and handed to SAELens as a pre-t
 shuffle buffer of 16 batches, 65,536 tokens (our buffer_size_tokens; SAELens's n_batches_in_buffer x context
 size, with its half-refill mixing), both run the model on 16 sequences per forward (our model_batch_size, SAELens's
 store_batch_size_prompts), neither evaluates or checkpoints during training, SAELens logs nothing to wandb.
-Ours does more work on the data side: it renders and tokenizes the chat data as it trains (SAELens reads the
-pre-tokenized sequences) and skips the special-token positions (so it runs the model on a few % more tokens).
+With ``--data chat`` (default) ours does more work on the data side: it renders and tokenizes the chat data as it
+trains (SAELens reads the pre-tokenized sequences) and skips the special-token positions (so it runs the model on a
+few % more tokens). ``--data pretokenized`` removes both differences: ours reads the very sequences SAELens gets,
+from a local JSONL file of ``input_ids`` (no BOS added, no held-out share, no deduplication, special tokens kept),
+so both train on every position of the same token ids.
 
 The SAELens model is our already loaded model (`override_model`: the GGUF file of the offline default cannot be
 loaded by SAELens's own loader without a network), so both time training only, not model loading. SAELens
@@ -28,6 +32,7 @@ estimates no normalisation (normalize_activations "none" in both). Timed: the ru
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import logging
 import platform
@@ -48,6 +53,8 @@ from domain_sae.data.pipeline import TokenStream  # noqa: E402
 from domain_sae.models.load import load_model  # noqa: E402
 
 HF_HOOK = "model.layers.0.mlp"
+DATA_NOTE = {"chat": "ours tokenizes the chat data as it trains, SAELens reads it pre-tokenized",
+             "pretokenized": "both read the same pre-tokenized sequences and train on every position"}
 
 
 def _sequences(cfg: TrainConfig, tokenizer, n_tokens: int) -> list[list[int]]:
@@ -57,6 +64,14 @@ def _sequences(cfg: TrainConfig, tokenizer, n_tokens: int) -> list[list[int]]:
         if len(out) * cfg.context_size >= n_tokens:
             return out
     raise SystemExit("the training split ended before --tokens tokens")
+
+
+def _pretokenized(cfg: TrainConfig, seqs: list[list[int]], tmp: str) -> TrainConfig:
+    """``cfg`` reading ``seqs`` as they are: a JSONL file of input_ids, packed without BOS into the same rows."""
+    path = Path(tmp) / "sequences.jsonl"
+    path.write_text("".join(json.dumps({"input_ids": s}) + "\n" for s in seqs))
+    return dataclasses.replace(cfg, data=str(path), prepend_bos=False, holdout_fraction=0.0, deduplicate=False,
+                               exclude_special_tokens=False)
 
 
 def _ours(cfg: TrainConfig, lm, seqs: list[list[int]]) -> float:
@@ -108,6 +123,7 @@ def main(argv=None) -> dict:
     p.add_argument("--context", type=int, default=128)
     p.add_argument("--architecture", choices=["standard", "topk"], default="standard")
     p.add_argument("--k", type=int, default=32)
+    p.add_argument("--data", choices=["chat", "pretokenized"], default="chat")
     p.add_argument("--out", default=str(ROOT / "benchmarks" / "results"))
     a = p.parse_args(argv)
     torch.manual_seed(0)
@@ -121,13 +137,15 @@ def main(argv=None) -> dict:
             eval_every=0, n_checkpoints=0, resume_checkpoint_minutes=0, output_dir=tmp))
         # the training tokens plus two shuffle buffers: both read past the last trained batch to fill theirs
         seqs = _sequences(cfg, lm.tokenizer, a.tokens + 2 * 16 * a.batch)
+        if a.data == "pretokenized":
+            cfg = _pretokenized(cfg, seqs, tmp)
         ours = _ours(cfg, lm, seqs)
         try:
             theirs = _saelens(a, lm, seqs, tmp)
         except ImportError:
             theirs = None
             print("sae_lens is not installed: run this inside .venv-saelens (make bench-saelens)")
-    res = {"architecture": a.architecture, "k": a.k if a.architecture == "topk" else None,
+    res = {"architecture": a.architecture, "k": a.k if a.architecture == "topk" else None, "data": a.data,
            "cpu": platform.processor() or platform.machine(), "torch_threads": torch.get_num_threads(),
            "tokens": a.tokens, "d_sae": a.expansion * 576, "context": a.context, "batch": a.batch,
            "ours_seconds": ours, "ours_tokens_per_second": a.tokens / ours,
@@ -136,13 +154,14 @@ def main(argv=None) -> dict:
            "peak_rss_gib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** 20}
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
-    stem = "e2e_vs_saelens_cpu" + ("" if a.architecture == "standard" else f"_{a.architecture}")
+    stem = "e2e_vs_saelens_cpu" + ("" if a.architecture == "standard" else f"_{a.architecture}") \
+        + ("" if a.data == "chat" else f"_{a.data}")
     (out / f"{stem}.json").write_text(json.dumps(res, indent=2) + "\n")
     md = ["# Model + SAE end to end: domain-sae vs SAELens LanguageModelSAETrainingRunner (CPU)", "",
           f"SmolLM2-135M-Instruct layer-0 MLP out, {a.architecture}"
           + (f" k={a.k}" if a.architecture == "topk" else " (ReLU + L1 5)")
           + f", d_sae {res['d_sae']}, ctx {a.context}, batch {a.batch}, "
-          f"{a.tokens:,} chat tokens, fp32, {res['torch_threads']} threads", "",
+          f"{a.tokens:,} chat tokens ({DATA_NOTE[a.data]}), fp32, {res['torch_threads']} threads", "",
           "| | seconds | tokens/s |", "|---|---|---|",
           f"| domain-sae | {ours:.1f} | {a.tokens / ours:,.0f} |"]
     if theirs:

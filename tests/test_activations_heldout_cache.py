@@ -20,7 +20,7 @@ from domain_sae.evaluation import EvalError
 from domain_sae.evaluation.cache_eval import eval_matrix_from_cache
 from domain_sae.evaluation.runner import eval_matrix
 from domain_sae.models.hooks import capture, resolve_hook
-from test_activations_hook_cache import H0, H1, data_cfg, files, train_cfg
+from test_activations_hook_cache import H0, H1, Killed, data_cfg, files, kill_after_two, train_cfg
 from test_activations_hook_cache import tiny_model_dir  # noqa: F401 (a fixture)
 
 TOKENS = 640
@@ -77,16 +77,10 @@ def test_heldout_cache_is_the_evaluation_sample(heldout_cache, tiny_lm, tmp_path
 
 
 def test_killed_heldout_build_resumes_to_identical_files(heldout_cache, tmp_path, tiny_lm):
-    class Killed(Exception):
-        pass
-
-    def kill(index, manifest):
-        if index == 1:
-            raise Killed
-
     out = tmp_path / "killed"
     with pytest.raises(Killed):
-        build_cache(tiny_lm, [H0, H1], data_cfg(), out, TOKENS, shard_tokens=200, split="heldout", on_shard=kill)
+        build_cache(tiny_lm, [H0, H1], data_cfg(), out, TOKENS, shard_tokens=200, split="heldout",
+                    on_shard=kill_after_two)
     (out / "sequences" / "shard_00002.safetensors.tmp").write_bytes(b"half")
     with pytest.raises(CacheError, match="different options"):  # a train build cannot continue a held-out one
         build_cache(tiny_lm, [H0, H1], data_cfg(), out, TOKENS, shard_tokens=200)

@@ -79,14 +79,17 @@ def test_cache_holds_the_models_activations(cache, tiny_lm):
         assert torch.equal(torch.cat([s["segments"] for s in shards]).long(), segs[mask][:1500].long())
 
 
+class Killed(Exception):
+    """A build killed from its progress callback."""
+
+
+def kill_after_two(index, manifest):
+    """on_shard callback: the build dies once two shards are durable."""
+    if index == 1:
+        raise Killed
+
+
 def test_killed_build_resumes_to_identical_files(cache, tmp_path, tiny_lm):
-    class Killed(Exception):
-        pass
-
-    def kill_after_two(index, manifest):
-        if index == 1:
-            raise Killed
-
     out = tmp_path / "killed"
     with pytest.raises(Killed):
         build_cache(tiny_lm, [H0, H1], data_cfg(), out, 1500, shard_tokens=400, on_shard=kill_after_two)
