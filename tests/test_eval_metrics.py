@@ -150,3 +150,17 @@ def test_constant_tokens_give_nan_ev_not_a_crash():
     assert math.isnan(out["metrics/explained_variance"])
     assert out["metrics/explained_variance_per_token_skipped"] == 5
     assert out["sparsity/dead_features"] == 2
+
+
+def test_fired_counts_replace_dense_latents():
+    """update(f=None, fired_counts=c) gives the same metrics as the dense f it was counted from."""
+    g = torch.Generator().manual_seed(5)
+    x = torch.randn(64, 8, generator=g)
+    x_hat = x + 0.1 * torch.randn(64, 8, generator=g)
+    f = torch.relu(torch.randn(64, 20, generator=g) - 1.0)
+    a, b = ReconstructionAccumulator(8, 20), ReconstructionAccumulator(8, 20)
+    a.update(x, x_hat, f)
+    b.update(x, x_hat, None, fired_counts=(f > 0).sum(0))
+    assert a.compute() == b.compute()
+    with pytest.raises(MetricError, match="fired_counts"):
+        b.update(x, x_hat, None)

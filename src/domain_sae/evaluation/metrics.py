@@ -95,17 +95,25 @@ class ReconstructionAccumulator:
 
     # ------------------------------------------------------------------------------------------------------------
     @torch.no_grad()
-    def update(self, x: Tensor, x_hat: Tensor, f: Tensor, mask: Optional[Tensor] = None) -> None:
-        """Add the tokens of ``x`` [..., d_in], ``x_hat`` [..., d_in], ``f`` [..., d_sae] selected by ``mask``."""
+    def update(self, x: Tensor, x_hat: Tensor, f: Optional[Tensor], mask: Optional[Tensor] = None, *,
+               fired_counts: Optional[Tensor] = None) -> None:
+        """Add the tokens of ``x`` [..., d_in], ``x_hat`` [..., d_in], ``f`` [..., d_sae] selected by ``mask``.
+
+        ``fired_counts`` (int [d_sae], c_i of these tokens, no ``mask``) may replace ``f`` (pass ``f=None``) when
+        the caller already has it, e.g. from sparse latents, so no dense [tokens, d_sae] tensor is needed."""
         if x.shape[-1] != self.d_in or x_hat.shape != x.shape:
             raise MetricError(f"x {tuple(x.shape)} and x_hat {tuple(x_hat.shape)} must both be [..., d_in="
                               f"{self.d_in}]; check that the SAE's d_in matches the hook's width.")
-        if f.shape[-1] != self.d_sae or f.shape[:-1] != x.shape[:-1]:
+        if f is None:
+            if fired_counts is None or mask is not None or tuple(fired_counts.shape) != (self.d_sae,):
+                raise MetricError(f"Pass f [..., d_sae={self.d_sae}], or f=None with fired_counts [d_sae] and no "
+                                  f"mask.")
+        elif f.shape[-1] != self.d_sae or f.shape[:-1] != x.shape[:-1]:
             raise MetricError(f"f {tuple(f.shape)} must be [{', '.join(map(str, x.shape[:-1]))}, d_sae="
                               f"{self.d_sae}] to match x {tuple(x.shape)}.")
         x = x.detach().reshape(-1, self.d_in)
         x_hat = x_hat.detach().reshape(-1, self.d_in).to(x.device)
-        f = f.detach().reshape(-1, self.d_sae).to(x.device)
+        f = f.detach().reshape(-1, self.d_sae).to(x.device) if f is not None else None
         if mask is not None:
             mask = torch.as_tensor(mask, device=x.device)
             if mask.dtype != torch.bool or mask.numel() != x.shape[0]:
@@ -144,7 +152,8 @@ class ReconstructionAccumulator:
         self._n_l2 += int(nz.sum())
         self._sum_xhat_sq += float((xh_norm ** 2).sum())
         self._sum_dot += float(dot.sum())
-        counts = (f > 0).sum(0, dtype=torch.int32).to(torch.int64)  # one reduction; L0 is its total
+        counts = (f > 0).sum(0, dtype=torch.int32).to(torch.int64) if f is not None \
+            else fired_counts.detach().to(x.device, torch.int64)  # one reduction; L0 is its total
         self._sum_l0 += int(counts.sum())
         self._fire_counts += counts
         self.n += n

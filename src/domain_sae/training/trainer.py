@@ -71,15 +71,17 @@ def checkpoint_steps(total_steps: int, n_checkpoints: int) -> list[int]:
 
 
 @torch.no_grad()
-def batch_metrics(x: torch.Tensor, x_hat: torch.Tensor, f: torch.Tensor) -> dict[str, float]:
+def batch_metrics(x: torch.Tensor, x_hat: torch.Tensor, f: Optional[torch.Tensor], *,
+                  fired_counts: Optional[torch.Tensor] = None) -> dict[str, float]:
     """Explained variance, its per-token std and L0 of one batch (SPEC 3), computed by the same float64
     :class:`~domain_sae.evaluation.metrics.ReconstructionAccumulator` that ``dsae eval`` uses:
 
     EV = 1 - sum_t ||x_t - x_hat_t||^2 / sum_t ||x_t - mean(x)||^2;
     EV_std = population std over tokens of 1 - ||x_t - x_hat_t||^2 / ||x_t - mean(x)||^2;
-    L0 = mean_t #{i : f_t,i > 0}."""
-    acc = ReconstructionAccumulator(x.shape[-1], f.shape[-1])
-    acc.update(x, x_hat, f)
+    L0 = mean_t #{i : f_t,i > 0} (from ``fired_counts`` [d_sae] instead of a dense ``f`` when given)."""
+    d_sae = f.shape[-1] if f is not None else fired_counts.shape[0]
+    acc = ReconstructionAccumulator(x.shape[-1], d_sae)
+    acc.update(x, x_hat, None if fired_counts is not None else f, fired_counts=fired_counts)
     m = acc.compute()
     return {k: m[k] for k in ("metrics/explained_variance", "metrics/explained_variance_std", "metrics/l0")}
 
@@ -199,7 +201,7 @@ class Trainer:
         self.n_logs += 1
         rec = {"losses/mse_loss": float(out.mse.detach()), "losses/l1_loss": float(out.l1.detach()),
                "losses/raw_l1_loss": float(out.raw_l1.detach()), "losses/overall_loss": float(out.total.detach()),
-               **batch_metrics(x, out.x_hat.detach(), out.f.detach()),
+               **batch_metrics(x, out.x_hat.detach(), None, fired_counts=out.fired_counts()),
                "details/current_learning_rate": lr, "details/current_l1_coefficient": l1,
                "details/n_training_tokens": self.tokens, **self.tracker.step_metrics(),
                **{f"losses/{k}": float(v.detach()) for k, v in out.log_terms().items()}}
