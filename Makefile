@@ -53,12 +53,13 @@ test-saelens: $(SL_STAMP)
 
 bench-saelens: $(SL_STAMP)
 	$(SL_BIN)/python benchmarks/bench_vs_saelens.py
-	$(SL_BIN)/python benchmarks/bench_sae_step.py
+	$(SL_BIN)/python benchmarks/bench_sae_step.py --steps 30
 
 # Model + SAE end to end vs SAELens's runner, ReLU then TopK, 1M tokens each (about 25 minutes on 2 CPU cores).
 bench-e2e-saelens: $(SL_STAMP)
-	$(SL_BIN)/python benchmarks/bench_e2e_vs_saelens.py --tokens 1048576
-	$(SL_BIN)/python benchmarks/bench_e2e_vs_saelens.py --tokens 1048576 --architecture topk
+	for arch in standard topk; do for data in chat pretokenized; do \
+	  $(SL_BIN)/python benchmarks/bench_e2e_vs_saelens.py --tokens 1048576 --architecture $$arch --data $$data; \
+	done; done
 
 bench: setup
 	$(BIN)/python benchmarks/bench_train.py
