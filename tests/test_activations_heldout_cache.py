@@ -146,6 +146,12 @@ def test_cli_cache_heldout_then_eval(tmp_path, tiny_model_dir, capsys):  # noqa:
     assert 0 < res["results"][0]["metrics"]["metrics/l0"] and res["splice"] == "not_spliced"
     assert main(["eval", sae, "--activations", str(out), "--data", "chat", "--out", str(tmp_path / "ev2")]) == 2
     assert "give one of them" in capsys.readouterr().err
+    store = tmp_path / "f.sqlite"
+    assert main(["features", sae, "--activations", str(out), "--out", str(store)]) == 0
+    from domain_sae.features.store import FeatureStore
+    st = FeatureStore(store)
+    assert st.meta["provenance"]["activation_caches"] == [str(out)]
+    assert st.meta["provenance"]["datasets"][0]["spec"] == "chat"
 
 
 def test_feature_store_from_the_cache_equals_the_live_one(heldout_cache, tiny_lm, tmp_path, monkeypatch):
