@@ -2,7 +2,7 @@
 
     python benchmarks/bench_cache.py [--model smollm2-135m-instruct] [--hook blocks.15.hook_resid_post]
                                      [--tokens 262144] [--expansion 8] [--batch 4096] [--dtype float32]
-                                     [--device auto] [--tiny]
+                                     [--device auto] [--architecture standard|topk] [--k 32] [--tiny]
 
 Three timings on the same tokens (the training split of --data): building the cache (`dsae cache`: one model
 pass, stopped after the hook), `pipeline.train` from the live model (model forward + SAE step), and
@@ -50,6 +50,10 @@ def main(argv=None) -> dict:
     p.add_argument("--context-size", type=int, default=128)
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     p.add_argument("--device", default="auto")
+    p.add_argument("--architecture", choices=["standard", "topk"], default="standard",
+                   help="standard (ReLU + L1 5; dense until its density falls below the sparse switch) or topk "
+                        "(sparse from the first step)")
+    p.add_argument("--k", type=int, default=32)
     p.add_argument("--tiny", action="store_true", help="Smoke run: 4096 tokens, batch 512, expansion 2.")
     a = p.parse_args(argv)
     if a.tiny:
@@ -58,7 +62,8 @@ def main(argv=None) -> dict:
     base = dict(model=a.model, hook=a.hook, data=a.data, context_size=a.context_size, expansion_factor=a.expansion,
                 training_tokens=a.tokens, train_batch_size_tokens=a.batch, buffer_size_tokens=4 * a.batch,
                 lr=1e-3, l1_coefficient=5.0, eval_every=0, log_every=50, n_checkpoints=0, device=a.device,
-                resume_checkpoint_minutes=0, output_dir=str(work / "runs"), model_batch_size=16)
+                resume_checkpoint_minutes=0, output_dir=str(work / "runs"), model_batch_size=16,
+                architecture=a.architecture, k=a.k)
     cfg_live = build_config(TrainConfig, overrides={**base, "run_name": "live"})
     lm = pipeline.load_lm(cfg_live)
 
@@ -71,7 +76,9 @@ def main(argv=None) -> dict:
     cfg_cache = build_config(TrainConfig, overrides={**base, "run_name": "cached", "activations": str(cache)})
     cached = pipeline.train(cfg_cache, lm=lm, quiet=True).summary
     live_tps, cache_tps = live["tokens_per_second"], cached["tokens_per_second"]
-    result = {"model": a.model, "hook": a.hook, "tokens": a.tokens, "batch": a.batch, "expansion": a.expansion,
+    result = {"model": a.model, "hook": a.hook, "architecture": a.architecture,
+              "k": a.k if a.architecture == "topk" else None, "tokens": a.tokens, "batch": a.batch,
+              "expansion": a.expansion,
               "cache_dtype": a.dtype, "device": str(next(lm.model.parameters()).device),
               "gpu": torch.cuda.get_device_name() if torch.cuda.is_available() else None,
               "cpu": platform.processor() or platform.machine(), "threads": torch.get_num_threads(),
@@ -86,8 +93,10 @@ def main(argv=None) -> dict:
     if not a.tiny:
         out = ROOT / "benchmarks" / "results"
         out.mkdir(parents=True, exist_ok=True)
-        (out / "bench_cache.json").write_text(json.dumps(result, indent=2))
-        (out / "bench_cache.md").write_text(
+        stem = "bench_cache" + ("" if a.architecture == "standard" else f"_{a.architecture}")
+        (out / f"{stem}.json").write_text(json.dumps(result, indent=2))
+        (out / f"{stem}.md").write_text(
+            f"{a.architecture}, {a.tokens:,} tokens, batch {a.batch}, {a.expansion}x latents\n\n"
             "| training source | tokens/s |\n|---|---|\n"
             f"| live model ({a.hook}) | {live_tps:,.0f} |\n| activation cache | {cache_tps:,.0f} |\n"
             f"| ratio | {result['ratio']:.2f}x |\n")
