@@ -218,6 +218,14 @@ def cmd_dashboard(ns) -> int:
 
 
 def cmd_train(ns) -> int:
+    from .training import distributed
+    try:
+        return _train(ns)
+    finally:
+        distributed.shutdown()  # under torchrun: every rank leaves the process group together
+
+
+def _train(ns) -> int:
     from . import multirun, pipeline
     if ns.resume:
         given = {k for k, v in _overrides(ns, C.TrainConfig).items()}
