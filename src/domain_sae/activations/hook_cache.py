@@ -36,7 +36,6 @@ import hashlib
 import json
 import os
 import warnings
-from itertools import islice
 from pathlib import Path
 from typing import Callable, Optional
 
@@ -49,6 +48,7 @@ from ..models.hooks import capture_many, hook_d_in, resolve_hook
 from ..outdirs import check_output_dir, prepare_output_dir, safe_component
 from .cache import FORMAT as SHARD_FORMAT
 from .cache import MANIFEST, CacheError
+from .store import read_sequences
 
 __all__ = ["build_cache", "read_root_manifest", "data_spec", "sha256_file", "HOOK_CACHE_FORMAT", "KIND", "SPLITS",
            "SEQUENCES_DIR"]
@@ -182,10 +182,12 @@ def build_cache(lm, hooks: list[str], cfg, out: str | Path, n_tokens: int, *, dt
     if manifest.get("complete"):
         return out
     done = manifest["n_sequences"]
+    doc_ids = None
     if split == "heldout":
         sample = heldout_batch(cfg, lm.tokenizer, n_tokens)
         manifest["sampling"] = sample.summary()
-        it = iter(zip(sample.input_ids[done:], sample.segments[done:], sample.doc_ids[done:]))
+        it = iter(zip(sample.input_ids[done:], sample.segments[done:]))
+        doc_ids = sample.doc_ids.to(torch.int32)
         room = sample.input_ids.numel()  # every kept position of the sample
     else:
         stream = TokenStream(cfg, lm.tokenizer, split="train", repeat=False)
@@ -205,6 +207,9 @@ def build_cache(lm, hooks: list[str], cfg, out: str | Path, n_tokens: int, *, dt
             _save_shard(out / file, {"activations": acts, "token_ids": rows["token_ids"],
                                      "positions": rows["positions"], "segments": rows["segments"]})
             entry["files"][name] = {"file": file, "sha256": sha256_file(out / file)}
+        if doc_ids is not None:
+            start = manifest["n_sequences"]
+            rows["sequences"]["doc_ids"] = doc_ids[start:start + n_seq]
         file = f"{SEQUENCES_DIR}/shard_{index:05d}.safetensors"
         _save_shard(out / file, rows["sequences"])
         entry["sequences"] = {"file": file, "sha256": sha256_file(out / file)}
@@ -227,22 +232,19 @@ def _save_shard(path: Path, tensors: dict[str, torch.Tensor]) -> None:
 
 def _read_shard(lm, points, it, device, per_shard: int, cfg, room: int, dtype: str, masked_attention: bool):
     """Kept rows of the next ``per_shard`` sequences (cut at ``room`` tokens) and the sequences themselves:
-    (rows, sequences read, ended). ``it`` yields ``(ids, segments)`` or ``(ids, segments, doc_ids)``."""
+    (rows, sequences read, ended). ``it`` yields ``(ids, segments)``."""
     acts: dict[str, list[torch.Tensor]] = {h.name: [] for h in points}
-    ids_l, pos_l, seg_l, seqs = [], [], [], {"input_ids": [], "segments": [], "doc_ids": []}
+    ids_l, pos_l, seg_l, seqs = [], [], [], {"input_ids": [], "segments": []}
     n_seq = n_kept = 0
     ended = False
     while n_seq < per_shard and n_kept < room:
-        items = list(islice(it, min(cfg.model_batch_size, per_shard - n_seq)))
-        if not items:
+        chunk = read_sequences(it, min(cfg.model_batch_size, per_shard - n_seq))
+        if chunk is None:
             ended = True
             break
-        ids = torch.stack([torch.as_tensor(t[0], dtype=torch.long) for t in items])
-        segs = torch.stack([torch.as_tensor(t[1]) for t in items])
+        ids, segs = chunk
         seqs["input_ids"].append(ids.to(torch.int32))
         seqs["segments"].append(segs.to(torch.int8))
-        if len(items[0]) > 2:
-            seqs["doc_ids"].append(torch.stack([torch.as_tensor(t[2]) for t in items]).to(torch.int32))
         n_seq += ids.shape[0]
         mask = training_mask(segs, cfg.exclude_special_tokens)
         valid = segs != PAD
@@ -265,7 +267,7 @@ def _read_shard(lm, points, it, device, per_shard: int, cfg, room: int, dtype: s
     take = min(n_kept, room)
     rows = {"activations": {k: torch.cat(v)[:take] for k, v in acts.items()},
             "token_ids": torch.cat(ids_l)[:take], "positions": torch.cat(pos_l)[:take],
-            "segments": torch.cat(seg_l)[:take], "sequences": {k: torch.cat(v) for k, v in seqs.items() if v}}
+            "segments": torch.cat(seg_l)[:take], "sequences": {k: torch.cat(v) for k, v in seqs.items()}}
     return rows, n_seq, ended
 
 
