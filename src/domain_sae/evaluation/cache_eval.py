@@ -71,8 +71,7 @@ def evaluate_saes_on_cache(saes: Mapping[str, Any], cache: HeldoutCache, *, batc
                       token_counts(segs), NOT_SPLICED)
 
 
-def _open_checked(path: str, hook: str, sae, label: str, cfg, verify: bool) -> HeldoutCache:
-    cache = open_heldout_cache(path, hook, verify=verify)
+def _check_sae(cache: HeldoutCache, hook: str, sae, label: str, cfg) -> None:
     meta = sae_metadata(sae)
     d_in, _ = sae_widths(sae)
     if d_in != cache.d_in:
@@ -83,7 +82,6 @@ def _open_checked(path: str, hook: str, sae, label: str, cfg, verify: bool) -> H
         raise EvalError(f"The cache {cache.path} holds another held-out sample than the evaluation of SAE {label} "
                         f"draws: {'; '.join(problems)}. Build the cache with those options (dsae cache --split "
                         f"heldout ...), or pass them to dsae eval.")
-    return cache
 
 
 def eval_matrix_from_cache(sae_dirs: Sequence[str | Path], caches: Sequence[str | Path], cfg: Any, *,
@@ -103,8 +101,11 @@ def eval_matrix_from_cache(sae_dirs: Sequence[str | Path], caches: Sequence[str 
     out_dir = Path(out_dir)
     check_output_dir(out_dir, "eval", option="--out")
     hooks = [hook or cfg.hook or sae_metadata(s).get("hook_name") or DEFAULT_HOOK for s in saes]
-    opened = {(str(c), h): _open_checked(str(c), h, s, lab, cfg, verify)
-              for c in caches for s, lab, h in zip(saes, sae_labels, hooks)}
+    # each (cache, hook) opened (and its checksums read) once, however many SAEs use it
+    opened = {(str(c), h): open_heldout_cache(c, h, verify=verify) for c in caches for h in dict.fromkeys(hooks)}
+    for c in caches:
+        for s, lab, h in zip(saes, sae_labels, hooks):
+            _check_sae(opened[(str(c), h)], h, s, lab, cfg)
     ds_labels = unique_labels([str(c) for c in caches])
     info = {lab: {"path": p, "hook": h, "d_in": sae_widths(s)[0], "d_sae": sae_widths(s)[1],
                   "architecture": s.cfg.architecture, "trained_on": sae_metadata(s).get("dataset_path"),
