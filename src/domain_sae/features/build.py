@@ -218,9 +218,10 @@ def build_feature_store(sae_dirs: Sequence[str | Path], datasets: Sequence[str],
                             f"SAEs trained on this model and hook (or --hook).")
     caches = _open_caches(activations, points, widths, lm.name, metas[0], data_overrides or {}, opts) \
         if activations else []
+    samples = [next(iter(c.values())) for c in caches]  # any hook's view: the same sample and sequences
     if caches:
-        datasets = [next(iter(c.values())).data for c in caches]
-        n_tokens = max(int(next(iter(c.values())).input_ids.numel()) for c in caches)
+        datasets = [c.data for c in samples]
+        n_tokens = max(int(c.input_ids.numel()) for c in samples)
     dcfgs = [_data_cfg(metas[0], str(spec), data_overrides or {}) for spec in datasets]
     ctx = dcfgs[0].context_size
     model_bytes = sum(p.numel() * p.element_size() for p in net.parameters())
@@ -252,7 +253,7 @@ def build_feature_store(sae_dirs: Sequence[str | Path], datasets: Sequence[str],
         chunk = pred["chunk_tokens"]
         for k, (spec, dcfg) in enumerate(zip(datasets, dcfgs)):
             if caches:
-                ids, segs = (next(iter(caches[k].values())).input_ids, next(iter(caches[k].values())).segments)
+                ids, segs = samples[k].input_ids, samples[k].segments
             else:
                 ids, segs = _heldout_tokens(spec, dcfg, lm.tokenizer, n_tokens, heldout)
             mask = training_mask(segs, opts.exclude_special)   # the positions SAE training and eval use
@@ -312,7 +313,7 @@ def build_feature_store(sae_dirs: Sequence[str | Path], datasets: Sequence[str],
             "datasets": [{"spec": r[1], "tokens": r[2], "kept_tokens": r[3]} for r in ds_rows],
             "data_config": {k: getattr(dcfgs[0], k) for k in ("context_size", "prepend_bos", "holdout_fraction")},
             "tokens_per_dataset_requested": int(n_tokens), "options": dataclasses.asdict(opts),
-            "activation_caches": [str(next(iter(c.values())).path) for c in caches] or None,
+            "activation_caches": [str(c.path) for c in samples] or None,
             "predicted_memory_bytes": pred, "build_seconds": round(time.perf_counter() - prog.t0, 2),
         }
         put_meta(conn, "provenance", provenance)
