@@ -56,17 +56,22 @@ class LossOutput:
     x_hat: torch.Tensor
     aux: Optional[torch.Tensor] = None
     terms: dict = field(default_factory=dict)
+    _fired: Optional[torch.Tensor] = field(default=None, init=False, repr=False, compare=False)
 
     @property
     def f(self) -> torch.Tensor:
         return self.latents.to_dense() if isinstance(self.latents, SparseLatents) else self.latents
 
     def fired_counts(self) -> torch.Tensor:
-        """#{tokens : f_t,i > 0} per latent, long [d_sae], without densifying sparse latents."""
-        if isinstance(self.latents, SparseLatents):
-            return self.latents.fired_counts()
-        f = self.latents.detach().reshape(-1, self.latents.shape[-1])
-        return (f > 0).sum(0, dtype=torch.int32).to(torch.long)  # int32 sum: ~40% faster than bool -> int64
+        """#{tokens : f_t,i > 0} per latent, long [d_sae], without densifying sparse latents; computed once (the
+        trainer's statistics and its log of the same step both read it). Do not modify the result in place."""
+        if self._fired is None:
+            if isinstance(self.latents, SparseLatents):
+                self._fired = self.latents.fired_counts()
+            else:
+                f = self.latents.detach().reshape(-1, self.latents.shape[-1])
+                self._fired = (f > 0).sum(0, dtype=torch.int32).to(torch.long)  # int32 sum: ~40% faster
+        return self._fired
 
     def log_terms(self) -> dict[str, torch.Tensor]:
         """Extra loss terms for the training log (``losses/<name>``)."""
