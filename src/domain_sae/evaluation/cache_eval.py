@@ -123,8 +123,7 @@ def eval_matrix_from_cache(sae_dirs: Sequence[str | Path], caches: Sequence[str 
             res = evaluate_saes_on_cache(group, opened[(str(c), h)], batch_size=int(batch_size or 32),
                                          n_bootstrap=cfg.n_bootstrap, bootstrap_seed=cfg.seed)
             for lab, r in res.items():
-                rows[(lab, ds_label)] = result_row(lab, ds_label, h, r, None)
-                rows[(lab, ds_label)]["sampling"] = ds_info[ds_label]["sampling"]
+                rows[(lab, ds_label)] = result_row(lab, ds_label, h, r, ds_info[ds_label]["sampling"])
     prepare_output_dir(out_dir, "eval", option="--out")
     files = write_plots(rows, sae_labels, ds_labels, out_dir, RECONSTRUCTION_HEATMAPS)
     first = next(iter(opened.values()))

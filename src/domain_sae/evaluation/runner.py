@@ -231,11 +231,12 @@ def _prepare_saes(saes, sae_labels, paths, model, model_names, cfg, hook, allow_
     return info, groups
 
 
-def result_row(label: str, ds_label: str, hook_name: str, r: SAEResult, sample) -> dict:
+def result_row(label: str, ds_label: str, hook_name: str, r: SAEResult, sampling: Optional[dict]) -> dict:
+    """One eval.json result (``sampling``: the held-out sample's summary, or None)."""
     hist = _histogram(r.log10_feature_density)
     return {"sae": label, "dataset": ds_label, "hook": hook_name, "splice": r.splice, "metrics": dict(r.metrics),
             "errors": r.errors, "segments": r.segments, "tokens": r.tokens,
-            "sampling": sample.summary() if sample is not None else None,
+            "sampling": sampling,
             "log10_density_histogram": {"bin_edges": hist[0], "counts": hist[1]}}
 
 
@@ -339,8 +340,9 @@ def eval_matrix(sae_dirs: Sequence[str | Path], datasets: Sequence[str], cfg: An
                                           doc_ids=doc_ids, exclude_special=exclude,
                                           splice_all_positions=cfg.splice_all_positions,
                                           n_bootstrap=cfg.n_bootstrap, bootstrap_seed=cfg.seed)
+            sampling = ds_info[ds_label]["sampling"]
             for label, r in res.items():
-                rows_by_key[(label, ds_label)] = result_row(label, ds_label, hook_name, r, sample)
+                rows_by_key[(label, ds_label)] = result_row(label, ds_label, hook_name, r, sampling)
     results = [rows_by_key[(s, d)] for s in sae_labels for d in ds_labels]
     prepare_output_dir(out_dir, "eval", option="--out")
     files = write_plots(rows_by_key, sae_labels, ds_labels, out_dir)

@@ -290,7 +290,7 @@ def build_feature_store(sae_dirs: Sequence[str | Path], datasets: Sequence[str],
                             for c0 in range(0, x.shape[0], chunk):
                                 f = s.encode(x[c0:c0 + chunk])
                                 accs[j][k].update(f, loc[c0:c0 + chunk])
-                                tau = torch.where(f > 0, f, torch.full_like(f, float("inf"))).amin(-1)
+                                tau = f.masked_fill(f <= 0, float("inf")).amin(-1)
                                 gates[j][k].reshape(-1)[loc[c0:c0 + chunk].cpu().numpy()] = tau.cpu().numpy()
                 prog.advance(int(b_ids.numel()), f"{spec}")
         conn.executemany("INSERT INTO datasets VALUES (?, ?, ?, ?)", ds_rows)
