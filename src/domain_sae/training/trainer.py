@@ -81,7 +81,7 @@ def batch_metrics(x: torch.Tensor, x_hat: torch.Tensor, f: Optional[torch.Tensor
     L0 = mean_t #{i : f_t,i > 0} (from ``fired_counts`` [d_sae] instead of a dense ``f`` when given)."""
     d_sae = f.shape[-1] if f is not None else fired_counts.shape[0]
     acc = ReconstructionAccumulator(x.shape[-1], d_sae)
-    acc.update(x, x_hat, None if fired_counts is not None else f, fired_counts=fired_counts)
+    acc.update(x, x_hat, f, fired_counts=fired_counts)
     m = acc.compute()
     return {k: m[k] for k in ("metrics/explained_variance", "metrics/explained_variance_std", "metrics/l0")}
 
