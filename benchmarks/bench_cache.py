@@ -27,7 +27,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))
 
-from domain_sae import pipeline  # noqa: E402
+from domain_sae.runs import single as pipeline  # noqa: E402
 from domain_sae.activations.hook_cache import build_cache  # noqa: E402
 from domain_sae.config import TrainConfig, build_config  # noqa: E402
 

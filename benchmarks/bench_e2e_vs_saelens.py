@@ -47,9 +47,9 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))
 
-from domain_sae import pipeline  # noqa: E402
+from domain_sae.runs import single as pipeline  # noqa: E402
 from domain_sae.config import TrainConfig, build_config  # noqa: E402
-from domain_sae.data.pipeline import TokenStream  # noqa: E402
+from domain_sae.data.token_stream import TokenStream  # noqa: E402
 from domain_sae.models.load import load_model  # noqa: E402
 
 HF_HOOK = "model.layers.0.mlp"

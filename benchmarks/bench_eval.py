@@ -18,7 +18,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))
 
 from domain_sae.config import TrainConfig  # noqa: E402
-from domain_sae.data.pipeline import heldout_batch  # noqa: E402
+from domain_sae.data.token_stream import heldout_batch  # noqa: E402
 from domain_sae.evaluation.lm_metrics import evaluate_saes_on_tokens  # noqa: E402
 from domain_sae.models.hooks import hook_d_in, resolve_hook  # noqa: E402
 from domain_sae.models.load import load_model, resolve_device  # noqa: E402

@@ -34,7 +34,7 @@ WORKLOADS = ("relu-dense", "relu-sparse", "topk-dense", "topk-sparse", "saelens-
 
 
 def _ours(name: str, x: torch.Tensor, a, tmp: str):
-    from domain_sae import pipeline
+    from domain_sae.runs import single as pipeline
     from domain_sae.config import TrainConfig
     from domain_sae.sae.init import initialize
     from domain_sae.training.trainer import Trainer

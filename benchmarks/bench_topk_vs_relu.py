@@ -25,11 +25,11 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))
 
-from domain_sae import pipeline  # noqa: E402
+from domain_sae.runs import single as pipeline  # noqa: E402
 from domain_sae.activations.hook_cache import build_cache  # noqa: E402
 from domain_sae.analysis.stats import ExtrapolationError, Frontier  # noqa: E402
 from domain_sae.config import TrainConfig, build_config  # noqa: E402
-from domain_sae.data.pipeline import heldout_batch  # noqa: E402
+from domain_sae.data.token_stream import heldout_batch  # noqa: E402
 from domain_sae.models.hooks import resolve_hook  # noqa: E402
 from domain_sae.study.config import study_schedule  # noqa: E402
 from domain_sae.study.full_measure import recon_with_se  # noqa: E402

@@ -27,7 +27,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))
 
-from domain_sae import pipeline  # noqa: E402
+from domain_sae.runs import single as pipeline  # noqa: E402
 from domain_sae.config import TrainConfig, build_config  # noqa: E402
 from domain_sae.models.hooks import hook_d_in, resolve_hook  # noqa: E402
 from domain_sae.models.load import load_model, resolve_device  # noqa: E402

@@ -40,7 +40,7 @@ def saelens_step(x: torch.Tensor, d_sae: int, lr: float, l1: float):
 
 
 def our_step(x: torch.Tensor, d_sae: int, lr: float, l1: float, tmp: str):
-    from domain_sae import pipeline
+    from domain_sae.runs import single as pipeline
     from domain_sae.config import TrainConfig
     from domain_sae.sae.init import initialize
     from domain_sae.training.trainer import Trainer

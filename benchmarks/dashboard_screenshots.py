@@ -18,7 +18,7 @@ sys.path.insert(0, str(ROOT / "src"))
 
 from domain_sae.dashboard.app import create_app  # noqa: E402
 from domain_sae.dashboard.serve import BackgroundServer  # noqa: E402
-from domain_sae.features.store import FeatureStore  # noqa: E402
+from domain_sae.features.queries import FeatureStore  # noqa: E402
 
 ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
         "--disable-sync", "--no-first-run"]

@@ -7,7 +7,7 @@ import torch
 from safetensors.torch import load_file
 
 from domain_sae.activations.cache import CachedActivationSource, CacheError, build_activation_cache, read_manifest
-from domain_sae.activations.store import refill_seed
+from domain_sae.activations.live import refill_seed
 from training_helpers import FakeTokenStream, kept_rows, make_activation_fn
 
 D = 6

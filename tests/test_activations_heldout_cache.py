@@ -8,13 +8,13 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from domain_sae import pipeline
+from domain_sae.runs import single as pipeline
 from domain_sae.activations.cache import CacheError
 from domain_sae.activations.heldout_cache import open_heldout_cache
 from domain_sae.activations.hook_cache import build_cache
 from domain_sae.cli import main
 from domain_sae.config import EvalConfig
-from domain_sae.data.pipeline import heldout_batch
+from domain_sae.data.token_stream import heldout_batch
 from domain_sae.data.segments import PAD, training_mask
 from domain_sae.evaluation import EvalError
 from domain_sae.evaluation.cache_eval import eval_matrix_from_cache
@@ -148,7 +148,7 @@ def test_cli_cache_heldout_then_eval(tmp_path, tiny_model_dir, capsys):  # noqa:
     assert "give one of them" in capsys.readouterr().err
     store = tmp_path / "f.sqlite"
     assert main(["features", sae, "--activations", str(out), "--out", str(store)]) == 0
-    from domain_sae.features.store import FeatureStore
+    from domain_sae.features.queries import FeatureStore
     st = FeatureStore(store)
     assert st.meta["provenance"]["activation_caches"] == [str(out)]
     assert st.meta["provenance"]["datasets"][0]["spec"] == "chat"

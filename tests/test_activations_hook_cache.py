@@ -13,12 +13,12 @@ import torch
 from safetensors.torch import load_file
 
 from conftest import make_tiny_model
-from domain_sae import pipeline
+from domain_sae.runs import single as pipeline
 from domain_sae.activations.cache import CacheError
 from domain_sae.activations.hook_cache import build_cache
 from domain_sae.cli import main
 from domain_sae.config import DataConfig, TrainConfig, build_config
-from domain_sae.data.pipeline import TokenStream
+from domain_sae.data.token_stream import TokenStream
 from domain_sae.data.segments import training_mask
 from domain_sae.models.hooks import capture, capture_many, resolve_hook
 

@@ -6,9 +6,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from domain_sae.activations.store import ActivationStore, refill_seed
+from domain_sae.activations.live import ActivationStore, refill_seed
 from domain_sae.config import TrainConfig
-from domain_sae.data.pipeline import TokenStream
+from domain_sae.data.token_stream import TokenStream
 from domain_sae.data.segments import training_mask
 from domain_sae.models.hooks import capture, hook_d_in, resolve_hook
 

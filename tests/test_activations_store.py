@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from domain_sae.activations.store import (ActivationSourceError, ActivationStore, SourceExhaustedError,
+from domain_sae.activations.live import (ActivationSourceError, ActivationStore, SourceExhaustedError,
                                           StoreStateError, refill_seed)
 from training_helpers import FakeTokenStream, PlainStream, kept_rows, make_activation_fn
 

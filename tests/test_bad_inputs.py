@@ -10,11 +10,11 @@ import pytest
 import torch
 from conftest import make_tiny_model
 
-from domain_sae import pipeline
+from domain_sae.runs import single as pipeline
 from domain_sae.cli import main
 from domain_sae.config import ConfigError, TrainConfig, build_config
 from domain_sae.errors import UserError
-from domain_sae.outdirs import MARKER, OutputDirError, output_kind, prepare_output_dir
+from domain_sae.util.outdirs import MARKER, OutputDirError, output_kind, prepare_output_dir
 from domain_sae.sae.standard import SAEModelConfig, StandardSAE
 
 HOOK = "blocks.1.hook_resid_post"

@@ -20,7 +20,7 @@ from domain_sae.dashboard.export import export_site
 from domain_sae.dashboard.pages import embed_json
 from domain_sae.features.build import build_feature_store
 from domain_sae.features.options import FeatureOptions
-from domain_sae.features.store import FeatureStore
+from domain_sae.features.queries import FeatureStore
 from domain_sae.models.hooks import forward_with_patch, resolve_hook
 
 

@@ -27,7 +27,7 @@ from domain_sae.dashboard.export import export_site  # noqa: E402 (after the Chr
 from domain_sae.dashboard.serve import BackgroundServer  # noqa: E402 (after the Chromium check)
 from domain_sae.features.build import build_feature_store  # noqa: E402 (after the Chromium check)
 from domain_sae.features.options import FeatureOptions  # noqa: E402 (after the Chromium check)
-from domain_sae.features.store import FeatureStore  # noqa: E402 (after the Chromium check)
+from domain_sae.features.queries import FeatureStore  # noqa: E402 (after the Chromium check)
 
 
 @pytest.fixture(scope="module")

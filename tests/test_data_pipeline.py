@@ -22,7 +22,7 @@ from domain_sae.data.segments import ASSISTANT, SPECIAL, TEXT, USER
 from domain_sae.data.sources import DataError, Document, open_source
 from domain_sae.data.sampling import document_priority
 from domain_sae.data.splits import document_digest, heldout_score, is_heldout
-from domain_sae.data.pipeline import TokenStream, check_context_size, heldout_batch
+from domain_sae.data.token_stream import TokenStream, check_context_size, heldout_batch
 
 
 

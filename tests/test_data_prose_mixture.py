@@ -122,7 +122,7 @@ def test_mixture_source_with_files_and_errors(tmp_path):
     assert set(texts) <= {"x1", "x2", "x3", "yy1", "yy2"} and texts[0] == "x1"
     with pytest.raises(DataError):
         open_source(f"mix:{tmp_path / 'missing.jsonl'}=1,chat=1")
-    src2 = mixture_source({"p": 3, "q": 1}, open_fn=lambda n: DocumentSource(n, n, _part(n, [10] * 40)))
+    src2 = mixture_source({"p": 3, "q": 1}, lambda n: DocumentSource(n, n, _part(n, [10] * 40)))
     docs = list(itertools.islice(src2, 40))
     assert sum(d.text[0] == "p" for d in docs) == 30
 

@@ -16,7 +16,7 @@ from data_helpers import make_texts, write_jsonl
 
 from domain_sae.config import DataConfig
 from domain_sae.data.formatting import tokenize_document
-from domain_sae.data.pipeline import TokenStream, heldout_batch
+from domain_sae.data.token_stream import TokenStream, heldout_batch
 from domain_sae.data.sampling import HeldoutSample
 from domain_sae.data.segments import PAD, SPECIAL
 from domain_sae.data.sources import Document

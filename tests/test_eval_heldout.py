@@ -15,10 +15,10 @@ import torch
 
 from domain_sae import cli
 from domain_sae.config import EvalConfig, TrainConfig
-from domain_sae.data.pipeline import heldout_batch
+from domain_sae.data.token_stream import heldout_batch
 from domain_sae.evaluation import EvalError, eval_matrix, resolve_eval_config
 from domain_sae.evaluation import runner
-from domain_sae.pipeline import new_sae
+from domain_sae.runs.single import new_sae
 
 HOOK = "blocks.0.hook_resid_post"
 

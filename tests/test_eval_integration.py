@@ -12,9 +12,9 @@ import pytest
 import torch
 
 from domain_sae.config import DataConfig, EvalConfig, TrainConfig
-from domain_sae.data.pipeline import heldout_batch
+from domain_sae.data.token_stream import heldout_batch
 from domain_sae.evaluation import EvalCompatibilityError, eval_matrix, evaluate_sae, resolve_eval_config
-from domain_sae.pipeline import new_sae
+from domain_sae.runs.single import new_sae
 from domain_sae.sae.io import load_sae
 
 HOOK = "blocks.0.hook_resid_post"

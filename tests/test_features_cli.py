@@ -11,7 +11,7 @@ from feature_helpers import TEXTS_A, TEXTS_B, make_sae
 from domain_sae.cli import main
 from domain_sae.errors import UserError
 from domain_sae.features.build import _prepare_out
-from domain_sae.features.store import FeatureStore
+from domain_sae.features.queries import FeatureStore
 
 
 def test_cli_builds_store_and_exports(tmp_path, smol_tokenizer, capsys):

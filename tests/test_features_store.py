@@ -17,7 +17,7 @@ from domain_sae.features import build as build_mod
 from domain_sae.features.build import build_feature_store
 from domain_sae.features.options import FeatureOptions
 from domain_sae.features.schema import StoreError, open_store
-from domain_sae.features.store import FeatureStore, NotFound
+from domain_sae.features.queries import FeatureStore, NotFound
 from domain_sae.models.hooks import capture, resolve_hook
 
 OPTS = {"top_k": 5, "top_k_per_dataset": 3, "window_before": 3, "window_after": 2, "n_intervals": 4,

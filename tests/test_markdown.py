@@ -1,4 +1,4 @@
-from domain_sae.markdown import escape_markdown, markdown_cell, markdown_code
+from domain_sae.util.markdown import escape_markdown, markdown_cell, markdown_code
 
 
 def test_html_and_markup_are_inert():

@@ -7,7 +7,7 @@ import shutil
 import pytest
 import torch
 
-from domain_sae import multirun, pipeline
+from domain_sae.runs import many as multirun, single as pipeline
 from domain_sae.config import ConfigError, TrainConfig, build_config
 from domain_sae.training import checkpoint as ckpt
 

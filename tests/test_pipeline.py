@@ -9,7 +9,7 @@ import torch
 from safetensors.torch import save_file
 
 from conftest import make_tiny_model
-from domain_sae import pipeline
+from domain_sae.runs import single as pipeline
 from domain_sae.cli import main
 from domain_sae.config import ConfigError, TrainConfig, build_config
 from domain_sae.errors import RunDirError, UserError

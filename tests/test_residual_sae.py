@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from domain_sae.activations.residual import ResidualSource, residual_of
-from domain_sae.activations.store import StoreStateError
+from domain_sae.activations.live import StoreStateError
 from domain_sae.evaluation.metrics import ReconstructionAccumulator
 from domain_sae.sae.residual import ResidualStackSAE
 from domain_sae.sae.standard import SAECompatibilityError, check_compatible

@@ -11,13 +11,14 @@ import pytest
 import torch
 
 from conftest import make_tiny_model
-from domain_sae import errors, hf
-from domain_sae.activations.store import ActivationSourceError, kept_activations, read_sequences
+from domain_sae import errors
+from domain_sae.util import hf
+from domain_sae.activations.live import ActivationSourceError, kept_activations, read_sequences
 from domain_sae.analysis.errors import AnalysisError
 from domain_sae.cli import main
 from domain_sae.config import ConfigError
 from domain_sae.data.sources import DataError
-from domain_sae.jsonsafe import INF_AS, jsonable
+from domain_sae.util.jsonsafe import INF_AS, jsonable
 from domain_sae.models import LoadedModel, as_module, same_model_name, tokenizer_of
 from domain_sae.sae.standard import SAECompatibilityError, SAEModelConfig, StandardSAE, check_compatible
 from domain_sae.study.prepare import StudyError

@@ -6,7 +6,7 @@ import json
 import pytest
 import torch
 
-from domain_sae import pipeline
+from domain_sae.runs import single as pipeline
 from domain_sae.config import ConfigError
 from domain_sae.sae.init import initialize
 from domain_sae.sae.io import load_sae

@@ -188,7 +188,7 @@ def test_source_exhaustion_is_a_clear_error(tmp_path):
             return super()._read_refill() if self._cursor == 0 else torch.empty(0, 16)
 
     tr = Trainer(make_sae(cfg), cfg, Short(batch_size=128, buffer_tokens=512), tmp_path / "r", verbose=False)
-    from domain_sae.activations.store import SourceExhaustedError
+    from domain_sae.activations.live import SourceExhaustedError
     with pytest.raises(SourceExhaustedError, match="ran out of data after 512 training tokens"):
         tr.train()
 

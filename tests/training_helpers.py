@@ -73,7 +73,7 @@ def kept_rows(stream: FakeTokenStream, act_fn, start: int, stop: int, exclude_sp
 # ---------------------------------------------------------------------------------------------------------------------
 # Synthetic SAE training data and a tiny deterministic training run.
 
-from domain_sae.activations.store import ShuffleBufferSource  # noqa: E402
+from domain_sae.activations.live import ShuffleBufferSource  # noqa: E402
 
 
 class SyntheticSparseSource(ShuffleBufferSource):

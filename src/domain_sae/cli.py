@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Optional
 
 from . import config as C
-from .outdirs import check_output_dir, prepare_output_dir
+from .util.outdirs import check_output_dir, prepare_output_dir
 from .errors import UserError
 
 
@@ -176,7 +176,7 @@ def _cache_parser(sub) -> None:
 
 def cmd_cache(ns) -> int:
     from .activations.hook_cache import build_cache
-    from .pipeline import load_lm
+    from .runs.single import load_lm
     cfg = C.build_config(C.DataConfig, config_file=ns.config, overrides=_overrides(ns, C.DataConfig))
     check_output_dir(Path(ns.out), "activation-cache", overwrite=ns.overwrite, option="--out")
     lm = load_lm(cfg)
@@ -226,7 +226,7 @@ def cmd_train(ns) -> int:
 
 
 def _train(ns) -> int:
-    from . import multirun, pipeline
+    from .runs import many as multirun, single as pipeline
     if ns.resume:
         given = {k for k, v in _overrides(ns, C.TrainConfig).items()}
         if given or ns.config:
@@ -255,7 +255,7 @@ def _print_many(results) -> int:
 
 
 def cmd_finetune(ns) -> int:
-    from . import pipeline
+    from .runs import single as pipeline
     cfg = C.build_config(C.TrainConfig, config_file=ns.config, overrides=_overrides(ns, C.TrainConfig))
     result = pipeline.finetune(cfg)
     print(f"Fine-tuned SAE saved to {result.sae_dir}")
@@ -264,7 +264,7 @@ def cmd_finetune(ns) -> int:
 
 def cmd_eval(ns) -> int:
     from .evaluation.runner import eval_matrix
-    from .pipeline import check_sae_source
+    from .runs.single import check_sae_source
     values = C.load_config_file(ns.config) if ns.config else {}
     values.update(_overrides(ns, C.EvalConfig))
     datasets = ns.datasets or values.pop("datasets", None) or ["chat", "code"]

@@ -5,7 +5,7 @@ implementing :class:`ActivationSource` (one iterator and exact-resume state inte
 from .cache import CachedActivationSource, CacheError, build_activation_cache, read_manifest
 from .mixture import MixtureSource, split_evenly
 from .source import ActivationSource
-from .store import (ActivationSourceError, ActivationStore, ShuffleBufferSource, SourceExhaustedError,
+from .live import (ActivationSourceError, ActivationStore, ShuffleBufferSource, SourceExhaustedError,
                     StoreStateError, refill_seed, training_mask)
 
 __all__ = [

@@ -25,12 +25,12 @@ from typing import Any, Callable, Iterable, Optional
 import numpy as np
 import torch
 
-from ..atomic import atomic_directory, remove_leftovers
-from ..outdirs import check_output_dir, write_marker
+from ..util.atomic import atomic_directory, remove_leftovers
+from ..util.outdirs import check_output_dir, write_marker
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from .store import (ActivationSourceError, ShuffleBufferSource, StoreStateError, kept_activations, read_sequences,
+from .live import (ActivationSourceError, ShuffleBufferSource, StoreStateError, kept_activations, read_sequences,
                     training_mask)
 
 __all__ = ["build_activation_cache", "CachedActivationSource", "CacheError", "read_manifest", "MANIFEST"]

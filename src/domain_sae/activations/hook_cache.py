@@ -42,13 +42,13 @@ from typing import Callable, Optional
 import torch
 from safetensors.torch import save_file
 
-from ..atomic import fsync_file
+from ..util.atomic import fsync_file
 from ..data.segments import PAD, training_mask
 from ..models.hooks import capture_many, hook_d_in, resolve_hook
-from ..outdirs import check_output_dir, prepare_output_dir, safe_component
+from ..util.outdirs import check_output_dir, prepare_output_dir, safe_component
 from .cache import FORMAT as SHARD_FORMAT
 from .cache import MANIFEST, CacheError
-from .store import read_sequences
+from .live import read_sequences
 
 __all__ = ["build_cache", "read_root_manifest", "data_spec", "sha256_file", "HOOK_CACHE_FORMAT", "KIND", "SPLITS",
            "SEQUENCES_DIR"]
@@ -160,7 +160,7 @@ def build_cache(lm, hooks: list[str], cfg, out: str | Path, n_tokens: int, *, dt
     options at ``out`` is continued from its last complete shard. ``on_shard(index, manifest)`` is called after
     each shard is durable (progress display).
     """
-    from ..data.pipeline import TokenStream, heldout_batch  # pulls in the tokenizers; import it only to build
+    from ..data.token_stream import TokenStream, heldout_batch  # pulls in the tokenizers; import it only to build
     out = Path(out)
     if dtype not in _DTYPES:
         raise CacheError(f"--dtype must be one of {', '.join(_DTYPES)} (got {dtype!r}).")

@@ -17,7 +17,7 @@ from typing import Any, Callable
 
 import torch
 
-from .store import StoreStateError
+from .live import StoreStateError
 
 __all__ = ["ResidualSource", "residual_of"]
 

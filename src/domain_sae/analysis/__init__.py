@@ -2,7 +2,7 @@
 capture (difference of means, reconstruction cosine, top-k least squares, orthogonal matching pursuit) and steering
 (add/ablate a direction at the hook; generations and cross-entropy change)."""
 
-from .directions import (best_single_latent, diff_of_means, direction_capture, mean_activation_difference, omp,
+from .direction_capture import (best_single_latent, diff_of_means, direction_capture, mean_activation_difference, omp,
                          omp_curve, reconstruction_cosine, topk_least_squares_curve)
 from .errors import AnalysisError
 from .overlap import (DomainSpecificLatents, Matching, compare_dictionaries, cosine_matrix, decoder_drift,

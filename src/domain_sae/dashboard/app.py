@@ -25,7 +25,7 @@ from ..features.prompt import (
     tokenize_prompt,
 )
 from ..features.schema import StoreError
-from ..features.store import FeatureStore, NotFound
+from ..features.queries import FeatureStore, NotFound
 from .jobs import JobRunner
 from .pages import CSP, _clean, asset_bytes, error_page, render_page
 

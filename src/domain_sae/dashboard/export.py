@@ -14,7 +14,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from pathlib import Path
 
-from ..features.store import FeatureStore
+from ..features.queries import FeatureStore
 from .pages import ASSETS, _clean, asset_bytes, render_page
 
 

@@ -3,7 +3,7 @@ sequences and a deterministic held-out split.
 
 Modules: ``segments`` (codes, training mask), ``sources`` (documents from built-in chat/code, files, directories,
 the hub), ``formatting`` (tokenization + labels), ``packing`` (sequences), ``splits`` (held-out hash),
-``pipeline`` (TokenStream, heldout_batch). Names are imported lazily so that ``import domain_sae.data.sources``
+``token_stream`` (TokenStream, heldout_batch). Names are imported lazily so that ``import domain_sae.data.sources``
 (e.g. for :class:`DataError`) does not load torch.
 """
 
@@ -18,7 +18,7 @@ _EXPORTS = {
     "formatting": ["tokenize_document", "tokenize_documents", "bos_token_id"],
     "packing": ["pack"],
     "splits": ["is_heldout"],
-    "pipeline": ["TokenStream", "heldout_batch", "check_context_size"],
+    "token_stream": ["TokenStream", "heldout_batch", "check_context_size"],
 }
 _WHERE = {name: mod for mod, names in _EXPORTS.items() for name in names}
 

@@ -23,7 +23,7 @@ from __future__ import annotations
 import math
 from typing import Callable, Iterator, Mapping, Optional
 
-from .sources import DataError, Document, DocumentSource, open_source
+from .documents import DataError, Document, DocumentSource
 
 __all__ = ["GENERAL_MIXTURE", "MIX_PREFIX", "parse_mixture", "document_chars", "interleave", "mixture_source",
            "mixture_from_spec", "weighted_shares", "describe_mixture"]
@@ -98,22 +98,22 @@ def describe_mixture(weights: Mapping[str, float]) -> str:
     return ", ".join(f"{n} {100 * w:.0f}%" for n, w in weights.items())
 
 
-def mixture_source(weights: Mapping[str, float], *, spec: Optional[str] = None,
-                   open_fn: Optional[Callable[[str], DocumentSource]] = None) -> DocumentSource:
-    """A :class:`DocumentSource` mixing the sources ``open_fn(name)`` (default :func:`.sources.open_source`) with
+def mixture_source(weights: Mapping[str, float], open_fn: Callable[[str], DocumentSource], *,
+                   spec: Optional[str] = None) -> DocumentSource:
+    """A :class:`DocumentSource` mixing the sources ``open_fn(name)`` (:func:`.sources.open_source`) with
     ``weights`` (normalised) by character share. Each part is opened now, so a missing package or file fails here."""
     w = _normalise(dict(weights), "given")
-    opener = open_fn or open_source
-    sources = {name: opener(name) for name in w}
+    sources = {name: open_fn(name) for name in w}
     spec = spec or MIX_PREFIX + ",".join(f"{n}={v:g}" for n, v in w.items())
     desc = f"mixture of {describe_mixture(w)} by characters (" + "; ".join(s.description
                                                                           for s in sources.values()) + ")"
     return DocumentSource(spec, desc, lambda: interleave({n: s.__iter__ for n, s in sources.items()}, w))
 
 
-def mixture_from_spec(spec: str) -> DocumentSource:
-    """The source for ``general`` or a ``mix:`` spec."""
-    return mixture_source(parse_mixture(spec), spec=spec)
+def mixture_from_spec(spec: str, open_fn: Callable[[str], DocumentSource]) -> DocumentSource:
+    """The source for ``general`` or a ``mix:`` spec, its parts opened by ``open_fn`` (the caller's
+    :func:`.sources.open_source`: passed in so that this module does not import it back)."""
+    return mixture_source(parse_mixture(spec), open_fn, spec=spec)
 
 
 def weighted_shares(total: int, weights: Mapping[str, float]) -> dict[str, int]:

@@ -24,7 +24,7 @@ import importlib.util
 from pathlib import Path
 from typing import Iterator
 
-from .sources import DataError, Document, DocumentSource
+from .documents import DataError, Document, DocumentSource
 
 __all__ = ["CHUNK_CHARS", "PROSE_PACKAGE", "prose_speech_files", "paragraph_chunks", "prose_documents",
            "prose_source"]

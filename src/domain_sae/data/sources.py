@@ -55,7 +55,7 @@ import tokenize
 from pathlib import Path
 from typing import Iterator, Optional
 
-from ..hf import hub_offline_reason as _hub_offline_reason
+from ..util.hf import hub_offline_reason as _hub_offline_reason
 from .documents import (CHAT_COLUMNS, IDS_COLUMNS, TEXT_COLUMNS, DataError, Document, DocumentSource,
                         _rows_to_documents, detect_column, normalize_messages, value_to_document)
 
@@ -289,7 +289,7 @@ def _looks_like_path(spec: str) -> bool:
 # Hugging Face hub
 
 def hub_offline_reason(timeout_s: float = _HUB_CHECK_TIMEOUT_S) -> Optional[str]:
-    """Why the hub cannot be used for datasets now (None when it can): :func:`domain_sae.hf.hub_offline_reason`
+    """Why the hub cannot be used for datasets now (None when it can): :func:`domain_sae.util.hf.hub_offline_reason`
     with ``HF_DATASETS_OFFLINE`` as an offline variable too."""
     return _hub_offline_reason(timeout_s, ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE"))
 
@@ -349,12 +349,12 @@ def open_source(spec: str, *, split: str = "train", column: Optional[str] = None
         return _chat_source()
     if spec == "code":
         return _code_source()
-    if spec == "prose":  # local imports: prose.py and mixture.py build on this module's Document/DocumentSource
+    if spec == "prose":  # prose and mixture import documents.py, not this module
         from .prose import prose_source
         return prose_source()
     if spec == "general" or spec.startswith("mix:"):
         from .mixture import mixture_from_spec
-        return mixture_from_spec(spec)
+        return mixture_from_spec(spec, open_source)
     path = Path(spec).expanduser()
     if path.is_dir():
         return _directory_source(path, column)

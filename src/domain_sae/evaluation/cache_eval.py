@@ -22,7 +22,7 @@ from typing import Any, Mapping, Optional, Sequence
 import torch
 
 from ..activations.heldout_cache import HeldoutCache, heldout_data_mismatch, open_heldout_cache
-from ..outdirs import check_output_dir, prepare_output_dir
+from ..util.outdirs import check_output_dir, prepare_output_dir
 from ..sae.io import load_sae
 from . import report
 from .heldout import EvalError, resolve_eval_config, sae_metadata

@@ -11,8 +11,8 @@ import math
 from pathlib import Path
 from typing import Any, Iterable, Optional, Sequence
 
-from ..markdown import escape_markdown, markdown_cell
-from ..jsonsafe import jsonable
+from ..util.markdown import escape_markdown, markdown_cell
+from ..util.jsonsafe import jsonable
 
 __all__ = ["jsonable", "write_json", "fmt", "markdown_table", "eval_markdown", "plot_heatmap",
            "plot_density_histograms", "fmt_se", "LM_COLUMNS", "RECONSTRUCTION_COLUMNS", "MEAN_ABLATION_COLUMNS",

@@ -22,12 +22,12 @@ import torch
 from torch import Tensor
 
 from ..config import DataConfig
-from ..data.pipeline import heldout_batch
+from ..data.token_stream import heldout_batch
 from ..data.sampling import HeldoutSample
 from ..models.hooks import hook_d_in, resolve_hook
 from ..models.load import load_model, resolve_device
 from ..sae.io import load_sae
-from ..outdirs import check_output_dir, prepare_output_dir
+from ..util.outdirs import check_output_dir, prepare_output_dir
 from ..models.names import same_model_name
 from . import report
 from .heldout import EvalError, resolve_eval_config, sae_metadata

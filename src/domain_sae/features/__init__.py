@@ -16,6 +16,6 @@ def __getattr__(name):  # lazy: importing the package stays cheap for the CLI
         from .build import build_feature_store
         return build_feature_store
     if name == "FeatureStore":
-        from .store import FeatureStore
+        from .queries import FeatureStore
         return FeatureStore
     raise AttributeError(name)

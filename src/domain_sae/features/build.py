@@ -31,7 +31,7 @@ import numpy as np
 import torch
 
 from .. import __version__
-from ..atomic import fsync_dir, fsync_file, remove_leftovers
+from ..util.atomic import fsync_dir, fsync_file, remove_leftovers
 from ..data.segments import training_mask
 from ..errors import UserError
 from .accumulate import LatentAccumulator, hist_edges
@@ -352,7 +352,7 @@ def _open_caches(paths, points, widths, model_name, meta, overrides, opts) -> li
 
 
 def _heldout_tokens(spec, dcfg, tokenizer, n_tokens, heldout) -> tuple[torch.Tensor, torch.Tensor]:
-    from ..data.pipeline import heldout_batch
+    from ..data.token_stream import heldout_batch
     if heldout is not None and spec in heldout:
         ids, segs = heldout[spec]
     else:

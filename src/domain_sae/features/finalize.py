@@ -33,7 +33,7 @@ import torch
 
 from .accumulate import LatentAccumulator, auroc_from_histograms, merged_reservoir
 from .detok import single_token_text
-from .directions import find_unembedding, logit_effects, nearest_latents
+from .logit_effects import find_unembedding, logit_effects, nearest_latents
 from .options import FeatureOptions
 
 LOC_SHIFT = 1 << 40  # global location = dataset index * LOC_SHIFT + seq * T + pos

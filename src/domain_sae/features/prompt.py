@@ -29,7 +29,7 @@ from ..data.sources import DataError, Document
 from ..errors import UserError
 from ..models.hooks import forward_with_patch, resolve_hook
 from .detok import token_texts
-from .directions import find_unembedding
+from .logit_effects import find_unembedding
 
 MAX_PROMPT_CHARS = 4000
 MAX_PROMPT_TOKENS = 256

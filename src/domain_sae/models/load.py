@@ -33,9 +33,9 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from transformers.utils import logging as hf_logging
 
 from ..errors import UserError
-from ..hf import HUB_CHECK_TIMEOUT_S, env_true
-from ..hf import max_context as max_context  # re-exported: models.load.max_context
-from ..hf import hub_reachable as _hub_reachable
+from ..util.hf import HUB_CHECK_TIMEOUT_S, env_true
+from ..util.hf import max_context as max_context  # re-exported: models.load.max_context
+from ..util.hf import hub_reachable as _hub_reachable
 
 DEFAULT_MODEL = "smollm2-135m-instruct"
 
@@ -139,7 +139,7 @@ def hub_offline_flag() -> bool:
 
 
 def hub_reachable(timeout: float = HUB_CHECK_TIMEOUT_S) -> bool:
-    """Can the hub be used for model downloads now? (:func:`domain_sae.hf.hub_reachable` with the transformers
+    """Can the hub be used for model downloads now? (:func:`domain_sae.util.hf.hub_reachable` with the transformers
     offline variable too; always False in offline mode, a quick socket check so that loading never hangs.)"""
     return _hub_reachable(timeout, OFFLINE_VARS)
 

@@ -21,7 +21,7 @@ from .format import (CFG_FILE, REQUIRED_TENSORS, SAELENS_SCALER_FILE, SPARSITY_F
                      cfg_to_dict, json_default, load_sparsity, maybe_fold_known_scale, normalize_cfg_dict,
                      prepare_state, read_cfg, read_safetensors, save_sae)
 from .model_config import SAEModelConfig, dtype_from_str, dtype_to_str
-from ..hf import hub_reachable as _hub_reachable
+from ..util.hf import hub_reachable as _hub_reachable
 from .registry import UnsupportedArchitectureError, get_sae_class
 
 __all__ = ["load_sae", "load_sae_dir", "from_saelens", "save_sae", "read_cfg", "load_sparsity", "cfg_to_dict",

@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from typing import Optional
 
 from ..config import ConfigError, EvalConfig, TrainConfig, check_finite_floats, from_dict, load_config_file, opt
-from ..outdirs import OutputDirError, safe_component
+from ..util.outdirs import OutputDirError, safe_component
 
 GENERAL = "general"
 CONTROL = "general (seed 2)"

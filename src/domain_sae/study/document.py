@@ -1,7 +1,7 @@
 """The report's document model -- headings, paragraphs, bullet lists, tables, figures, code -- and its two
 renderers, Markdown and self-contained HTML.
 
-Every piece of text is treated as data: the Markdown renderer escapes it with :mod:`domain_sae.markdown` (so a
+Every piece of text is treated as data: the Markdown renderer escapes it with :mod:`domain_sae.util.markdown` (so a
 ``<script>`` or a ``|`` in a prompt, a generation or a dataset name stays inert text) and the HTML renderer with
 :func:`html.escape`. Emphasis is structure (:attr:`Paragraph.strong`), never markup inside the text.
 """
@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Union
 
-from ..markdown import escape_markdown, markdown_cell, markdown_code
+from ..util.markdown import escape_markdown, markdown_cell, markdown_code
 
 
 @dataclass(frozen=True)

@@ -19,7 +19,7 @@ from typing import Any, Callable, Optional
 import torch
 
 from ..models.hooks import resolve_hook
-from ..pipeline import load_lm
+from ..runs.single import load_lm
 from .config import GENERAL
 from .full_analysis import domain_findings, overlap_findings, probing_findings
 from .full_config import FullStudyConfig

@@ -17,7 +17,7 @@ from ..activations.cache import CacheError, build_activation_cache, read_manifes
 from ..analysis.probing import chat_turn_labels, code_probe_tokens
 from ..data.formatting import bos_token_id
 from ..data.mixture import weighted_shares
-from ..data.pipeline import TokenStream, heldout_batch
+from ..data.token_stream import TokenStream, heldout_batch
 from ..data.sources import open_source
 from ..data.splits import is_heldout
 from ..models.hooks import capture, hook_d_in, resolve_hook

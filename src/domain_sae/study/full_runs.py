@@ -1,7 +1,7 @@
 """The rigorous study's SAEs: which runs (seeds x sparsity ladder x conditions x budgets), the general mixture source
 with exact token shares, and a store that makes the study resumable run by run.
 
-A run is saved under ``<out>/<hook>/saes/<run dir>/sae`` by :func:`domain_sae.pipeline.train`; a marker
+A run is saved under ``<out>/<hook>/saes/<run dir>/sae`` by :func:`domain_sae.runs.single.train`; a marker
 ``study_done.json`` beside it is written only after the SAE is saved, so a killed study reloads every finished SAE
 and retrains only the run it was in (a run that was interrupted is trained again from its start).
 """
@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Optional
 
-from .. import pipeline
+from ..runs import single as pipeline
 from ..activations.cache import CachedActivationSource
 from ..activations.mixture import MixtureSource
 from ..activations.residual import ResidualSource

@@ -9,7 +9,7 @@ from typing import Any
 
 import torch
 
-from ..analysis.directions import diff_of_means, direction_capture
+from ..analysis.direction_capture import diff_of_means, direction_capture
 from ..analysis.overlap import compare_dictionaries, decoder_drift, domain_specific_latents, top_activating_examples
 from ..analysis.steering import latent_direction, random_direction_like, steering_sweep
 from ..evaluation import evaluate_saes_on_tokens
@@ -132,7 +132,7 @@ def overlap(inp: StudyInputs, trained: TrainedSAEs, budgets: BudgetResults) -> O
 @dataclass
 class DirectionResults:
     """The difference-of-means analysis: prompt sets A and B, their mean activations, and per SAE the capture
-    curves of :func:`domain_sae.analysis.directions.direction_capture`."""
+    curves of :func:`domain_sae.analysis.direction_capture.direction_capture`."""
 
     labels: list[str]
     prompts: tuple[list[str], list[str]]

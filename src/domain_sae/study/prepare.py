@@ -14,10 +14,10 @@ import torch
 
 from ..activations.cache import build_activation_cache, read_manifest
 from ..config import TrainConfig
-from ..data.pipeline import TokenStream, heldout_batch
+from ..data.token_stream import TokenStream, heldout_batch
 from ..errors import UserError
 from ..models.hooks import HookPoint, capture, hook_d_in, resolve_hook
-from ..pipeline import load_lm
+from ..runs.single import load_lm
 from .config import GENERAL, StudyConfig
 from .inputs import HeldoutActivations, heldout_activations, mix_heldout
 from .plan import cache_tokens_per_domain, d_sae_of, heldout_tokens_per_domain

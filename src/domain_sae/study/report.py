@@ -29,7 +29,7 @@ from pathlib import Path
 from typing import Optional
 
 from ..errors import UserError
-from ..jsonsafe import jsonable
+from ..util.jsonsafe import jsonable
 from .config import CONTROL, GENERAL
 from .document import render_html, render_markdown
 from .figures import make_plots

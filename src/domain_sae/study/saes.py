@@ -1,6 +1,6 @@
 """Stages 2 and 4 of the study: training its SAEs from the activation caches, and the token-efficiency ladder.
 
-Every SAE of the study is an ordinary `dsae train` run (:func:`domain_sae.pipeline.train`) whose TrainConfig is
+Every SAE of the study is an ordinary `dsae train` run (:func:`domain_sae.runs.single.train`) whose TrainConfig is
 built by :func:`train_config`: the shared options come from the StudyConfig, the schedule from
 :func:`~domain_sae.study.config.study_schedule`, and the activations from the caches (never from the live model).
 """
@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, Any, Optional
 
 import torch
 
-from .. import pipeline
+from ..runs import single as pipeline
 from ..activations.cache import CachedActivationSource
 from ..activations.mixture import MixtureSource, split_evenly
 from ..config import TrainConfig

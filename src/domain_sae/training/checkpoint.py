@@ -33,7 +33,7 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-from ..atomic import atomic_directory
+from ..util.atomic import atomic_directory
 from ..errors import UserError
 
 __all__ = [

@@ -1,5 +1,5 @@
 """The device side of a training step: TF32, bf16 autocast with fp32 master weights, fused Adam and an optional
-torch.compile of the SAE loss (options in :class:`domain_sae.config_arch.FastPathConfig`).
+torch.compile of the SAE loss (options in :class:`domain_sae.config.architecture.FastPathConfig`).
 
 The same functions run on every device; on CPU they resolve to plain fp32 (autocast ``auto`` -> off, TF32 is
 CUDA-only), so the CPU tests exercise the code the GPU runs (fused Adam runs on both). Under bf16 autocast the

@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any, Iterable, Optional
 
 from ..errors import UserError
-from ..jsonsafe import jsonable
+from ..util.jsonsafe import jsonable
 
 __all__ = ["Logger", "JSONLLogger", "ConsoleProgress", "WandbLogger", "MultiLogger", "WandbNotInstalledError",
            "read_jsonl", "default_loggers", "METRICS_FILE"]

@@ -16,7 +16,7 @@ import threading
 import time
 from typing import Any, Optional
 
-from ..activations.store import SourceExhaustedError, StoreStateError
+from ..activations.live import SourceExhaustedError, StoreStateError
 from ..errors import UserError
 from . import checkpoint as ckpt
 from .trainer import Trainer, TrainingInterrupted

@@ -34,10 +34,10 @@ from typing import Any, Callable, Iterable, Optional
 
 import torch
 
-from ..activations.store import SourceExhaustedError
+from ..activations.live import SourceExhaustedError
 from ..errors import UserError
 from ..evaluation.metrics import ReconstructionAccumulator
-from ..markdown import escape_markdown
+from ..util.markdown import escape_markdown
 from ..sae.base import SAE, LossOutput
 from . import checkpoint as ckpt
 from . import distributed, fastpath

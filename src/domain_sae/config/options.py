@@ -12,9 +12,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Literal, Optional
 
-from .config_arch import ArchitectureConfig, FastPathConfig
-from .config_fields import opt
-from .config_parse import (ConfigError, add_arguments, argparse_suppress, build_config, check_finite_floats,
+from .architecture import ArchitectureConfig, FastPathConfig
+from .fields import opt
+from .parse import (ConfigError, add_arguments, argparse_suppress, build_config, check_finite_floats,
                            coerce, config_reference_markdown, from_dict, load_config_file, to_dict)
 
 
@@ -184,7 +184,7 @@ class TrainConfig(FastPathConfig, ArchitectureConfig, DataConfig, SAEConfig):
              f"{self.train_batch_size_tokens} (a few times more shuffles better).")
         check_finite_floats(self)
         if self.run_name is not None:
-            from .outdirs import OutputDirError, safe_component
+            from ..util.outdirs import OutputDirError, safe_component
             try:
                 safe_component(self.run_name, "run_name")
             except OutputDirError as e:

@@ -18,11 +18,11 @@ from pathlib import Path
 
 import torch
 
-from .config import ConfigError, TrainConfig, from_dict, to_dict
-from .pipeline import TrainResult, _make_trainer, _prepare, load_lm
-from .errors import RunDirError
-from .training import distributed
-from .rundir import check_run_dir, prepare_run_dir, read_status, remove_temporaries, write_status
+from ..config import ConfigError, TrainConfig, from_dict, to_dict
+from .single import TrainResult, _make_trainer, _prepare, load_lm
+from ..errors import RunDirError
+from ..training import distributed
+from .directory import check_run_dir, prepare_run_dir, read_status, remove_temporaries, write_status
 
 # Many SAEs from one model pass (a `saes:` list in the train config)
 
@@ -59,11 +59,11 @@ def sae_configs(cfg: TrainConfig, saes: list) -> list[TrainConfig]:
 def train_many(cfg: TrainConfig, saes: list, *, lm=None, quiet: bool = False, resume: bool = False) -> list:
     """Train the SAEs of ``saes`` from one model pass (see :mod:`.training.multi`) under
     ``output_dir/run_name`` (default ``multi``), one run directory each; ``resume`` continues a killed run."""
-    from .activations.store import ActivationStore
-    from .data.pipeline import TokenStream, check_context_size
-    from .models.hooks import capture_many, hook_d_in, resolve_hook
-    from .outdirs import prepare_output_dir
-    from .training.multi import ColumnView, MultiTrainer
+    from ..activations.live import ActivationStore
+    from ..data.token_stream import TokenStream, check_context_size
+    from ..models.hooks import capture_many, hook_d_in, resolve_hook
+    from ..util.outdirs import prepare_output_dir
+    from ..training.multi import ColumnView, MultiTrainer
     cfg.validate()
     if distributed.info().active or int(os.environ.get("WORLD_SIZE", "1")) > 1:
         raise ConfigError("A saes: list trains in one process; run it without torchrun (or train each SAE with "

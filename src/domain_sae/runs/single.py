@@ -27,13 +27,13 @@ from typing import Any, Optional
 
 import torch
 
-from .config import ConfigError, TrainConfig
-from .data.splits import SPLIT_VERSION as HELDOUT_SPLIT_VERSION
-from .errors import RunDirError
-from .outdirs import check_not_file
-from .rundir import STATUS_FILE  # noqa: F401 (re-exported)
-from .training import distributed
-from .rundir import (CONFIG_FILE, check_run_dir, load_run_config, prepare_run_dir, process_alive, read_status,
+from ..config import ConfigError, TrainConfig
+from ..data.splits import SPLIT_VERSION as HELDOUT_SPLIT_VERSION
+from ..errors import RunDirError
+from ..util.outdirs import check_not_file
+from .directory import STATUS_FILE  # noqa: F401 (re-exported)
+from ..training import distributed
+from .directory import (CONFIG_FILE, check_run_dir, load_run_config, prepare_run_dir, process_alive, read_status,
                      remove_temporaries, running_error, write_status)
 
 
@@ -61,16 +61,16 @@ def default_run_name(cfg: TrainConfig, d_in: Optional[int] = None) -> str:
 # Building blocks
 
 def load_lm(cfg) -> Any:
-    from .models.load import load_model, resolve_device
+    from ..models.load import load_model, resolve_device
     dtype = getattr(torch, cfg.model_dtype)
     return load_model(cfg.model, device=distributed.local_device(resolve_device(cfg.device)), dtype=dtype)
 
 
 def live_activation_store(cfg: TrainConfig, lm, hook, d_in: int):
     """The activation store fed by the live model on the training split of ``cfg.data``."""
-    from .activations.store import ActivationStore
-    from .data.pipeline import TokenStream
-    from .models.hooks import capture
+    from ..activations.live import ActivationStore
+    from ..data.token_stream import TokenStream
+    from ..models.hooks import capture
 
     device = next(lm.model.parameters()).device
     stream = TokenStream(cfg, lm.tokenizer, split="train", repeat=True)
@@ -90,8 +90,8 @@ def heldout_evaluator(cfg: TrainConfig, lm, hook):
     """Evaluator on the held-out split (same code as `dsae eval`), or None when evaluation is off."""
     if cfg.eval_every <= 0:
         return None
-    from .data.pipeline import heldout_batch
-    from .evaluation.runner import make_evaluator
+    from ..data.token_stream import heldout_batch
+    from ..evaluation.runner import make_evaluator
     sample = heldout_batch(cfg, lm.tokenizer, cfg.eval_tokens)
     return make_evaluator(lm, hook, sample.input_ids, sample.segments, exclude_special=cfg.exclude_special_tokens)
 
@@ -109,8 +109,8 @@ def activation_scale(sample: torch.Tensor) -> float:
 
 def new_sae(cfg: TrainConfig, d_in: int, metadata: dict):
     """An uninitialised SAE of ``cfg.architecture`` (class from :mod:`domain_sae.sae.registry`)."""
-    from .sae.model_config import SAEModelConfig
-    from .sae.registry import get_sae_class
+    from ..sae.model_config import SAEModelConfig
+    from ..sae.registry import get_sae_class
     d_sae = cfg.d_sae or cfg.expansion_factor * d_in
     widths = list(cfg.matryoshka_widths) or ([d_sae // 8, d_sae // 4, d_sae // 2, d_sae]
                                              if cfg.architecture == "matryoshka" else [])
@@ -148,7 +148,7 @@ def train(cfg: TrainConfig, *, lm=None, source=None, heldout=None, init_sae=None
     for evaluation. ``heldout`` = (input_ids, segments) overrides the held-out batch used by the evaluator.
     """
     cfg.validate()
-    from .models.hooks import hook_d_in, resolve_hook
+    from ..models.hooks import hook_d_in, resolve_hook
     main = _init_distributed(cfg).is_main
 
     # Output locations are checked before the model loads (a bad --output-dir / --run-name fails in a second).
@@ -162,11 +162,11 @@ def train(cfg: TrainConfig, *, lm=None, source=None, heldout=None, init_sae=None
     hook = resolve_hook(lm.model, cfg.hook)
     d_in = hook_d_in(lm.model, hook)
     if source is None and not cfg.activations:
-        from .data.pipeline import check_context_size
+        from ..data.token_stream import check_context_size
         check_context_size(cfg, lm.model)
     run_dir = Path(run_dir) if run_dir else Path(cfg.output_dir) / (cfg.run_name or default_run_name(cfg, d_in))
     if init_sae is not None:
-        from .sae.standard import check_compatible
+        from ..sae.standard import check_compatible
         check_compatible(init_sae, d_in=d_in, hook_name=cfg.hook)
 
     # Everything that can fail on bad input (data source, columns, empty split, scale estimate) runs before the
@@ -205,7 +205,7 @@ def _init_distributed(cfg):
 def _load_parent_optimizer(trainer, source: Optional[str]) -> None:
     """``keep_optimizer``: reuse the Adam moments of the parent's final checkpoint (our runs only). The moments were
     accumulated at the parent's activation scale; with a different scale on the new domain they are approximate."""
-    from .training.checkpoint import latest_checkpoint, load_checkpoint
+    from ..training.checkpoint import latest_checkpoint, load_checkpoint
     parent = Path(source or "")
     run_dir = parent.parent if parent.name == "sae" else parent
     ckpt = latest_checkpoint(run_dir) if (run_dir / CONFIG_FILE).is_file() else None
@@ -219,7 +219,7 @@ def _load_parent_optimizer(trainer, source: Optional[str]) -> None:
 def _fail(run_dir: Path, e: BaseException, *, remove: bool = True) -> None:
     """A run that failed before its first checkpoint is removed when this call created its directory (nothing to
     resume); otherwise it is marked failed (a rerun of the same command restarts it)."""
-    from .training.checkpoint import latest_checkpoint
+    from ..training.checkpoint import latest_checkpoint
     if remove and latest_checkpoint(run_dir) is None:
         shutil.rmtree(run_dir, ignore_errors=True)
     else:
@@ -228,16 +228,16 @@ def _fail(run_dir: Path, e: BaseException, *, remove: bool = True) -> None:
 
 def _prepare(cfg, lm, hook, d_in, source, heldout, init_sae, evaluator, *, resuming: bool):
     """Source, evaluator, SAE (initialised unless resuming) and activation scale s."""
-    from .sae.init import initialize
+    from ..sae.init import initialize
 
     if source is None and cfg.activations:
-        from .activations.cache_source import open_training_cache
+        from ..activations.cache_source import open_training_cache
         d = distributed.info()
         source = open_training_cache(cfg, model_name=lm.name, d_in=d_in, shard=(d.rank, d.world_size))
     source = source if source is not None else live_activation_store(cfg, lm, hook, d_in)
     if evaluator is None and distributed.info().is_main:
         if heldout is not None and cfg.eval_every > 0:
-            from .evaluation.runner import make_evaluator
+            from ..evaluation.runner import make_evaluator
             evaluator = make_evaluator(lm, hook, *heldout, exclude_special=cfg.exclude_special_tokens)
         else:
             evaluator = heldout_evaluator(cfg, lm, hook)
@@ -274,8 +274,8 @@ def _prepare(cfg, lm, hook, d_in, source, heldout, init_sae, evaluator, *, resum
 
 
 def _make_trainer(run_dir, cfg, sae, source, evaluator, scale, *, quiet: bool = False):
-    from .training.loggers import default_loggers
-    from .training.trainer import Trainer
+    from ..training.loggers import default_loggers
+    from ..training.trainer import Trainer
     # the other ranks of a torchrun job log nothing (no metrics file, console line or W&B run of their own)
     loggers = default_loggers(run_dir, cfg, console=False if quiet else None) if distributed.info().is_main else []
     return Trainer(sae, cfg, source, run_dir, loggers, evaluator=evaluator, activation_scale=scale,
@@ -291,8 +291,8 @@ def _total_tokens(meta: dict) -> int:
 
 def resume(run_dir: Path, *, lm=None, source=None, evaluator=None) -> TrainResult:
     """Continue a killed or interrupted run from its latest checkpoint (exact: same batches, same RNG)."""
-    from .models.hooks import hook_d_in, resolve_hook
-    from .training.checkpoint import latest_checkpoint
+    from ..models.hooks import hook_d_in, resolve_hook
+    from ..training.checkpoint import latest_checkpoint
 
     run_dir = Path(run_dir)
     if run_dir.is_file():
@@ -320,7 +320,7 @@ def resume(run_dir: Path, *, lm=None, source=None, evaluator=None) -> TrainResul
     d_in = hook_d_in(lm.model, hook)
     init_sae = None
     if cfg.from_sae:
-        from .sae.io import load_sae
+        from ..sae.io import load_sae
         init_sae = load_sae(cfg.from_sae)
     parts = _prepare(cfg, lm, hook, d_in, source, None, init_sae, evaluator, resuming=True)
     if not main:
@@ -348,7 +348,7 @@ def finetune(cfg: TrainConfig, **kwargs) -> TrainResult:
     if not cfg.from_sae:
         raise ConfigError("dsae finetune needs --from SOURCE (an SAE directory, a SAELens directory, or a SAELens "
                           "release/sae_id).")
-    from .sae.io import load_sae
+    from ..sae.io import load_sae
     check_sae_source(cfg.from_sae)
     parent = load_sae(cfg.from_sae)
     parent.cfg.metadata = {**(parent.cfg.metadata or {}), "source_path": cfg.from_sae}
@@ -359,7 +359,7 @@ def check_sae_source(source: str) -> None:
     """Refuse an SAE source that was meant as a local path but does not exist, before it is taken for a SAELens
     ``RELEASE/SAE_ID``: a string that starts like a path, or whose first component exists here (``runs/typo/sae``
     when ``runs/`` exists)."""
-    from .sae.io import SAEFormatError
+    from ..sae.io import SAEFormatError
     s = str(source)
     if s.startswith("hf://") or Path(s).expanduser().exists():
         return

@@ -7,7 +7,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Literal, Optional
 
-from .config_fields import opt
+from .fields import opt
 
 
 @dataclass

@@ -1,5 +1,5 @@
 """The documented config field: one definition shared by every options dataclass (:mod:`domain_sae.config`,
-:mod:`domain_sae.config_arch`)."""
+:mod:`domain_sae.config.architecture`)."""
 
 from __future__ import annotations
 

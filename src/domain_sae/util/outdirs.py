@@ -22,7 +22,7 @@ import shutil
 from pathlib import Path
 from typing import Optional
 
-from .errors import UserError
+from ..errors import UserError
 
 MARKER = ".domain-sae.json"
 # (file, JSON key, value prefix) that identify a directory of each kind written before the marker existed

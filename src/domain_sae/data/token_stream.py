@@ -23,7 +23,7 @@ from typing import Iterator, Optional
 
 import torch
 
-from ..hf import max_context
+from ..util.hf import max_context
 from .formatting import bos_token_id, tokenize_documents
 from .packing import pack
 from .sampling import HeldoutSample, sample_windows

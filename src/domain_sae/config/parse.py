@@ -12,7 +12,7 @@ import typing
 from pathlib import Path
 from typing import Any, Literal, Optional, get_args, get_origin
 
-from .errors import UserError
+from ..errors import UserError
 
 
 class ConfigError(UserError, ValueError):
@@ -179,7 +179,7 @@ def add_arguments(parser, cls, *, skip: tuple[str, ...] = ()) -> None:
         flag = f.metadata.get("cli") or "--" + f.name.replace("_", "-")
         base, _ = _strip_optional(hints[f.name])
         default = f.default if f.default is not dataclasses.MISSING else None
-        help_text = f"{f.metadata.get('help', '')} [{_type_name(hints[f.name])}; default: {default}]"
+        help_text = f"{f.metadata.get('help', '')} [{_type_name(hints[f.name])}; default: {default}]".replace("%", "%%")
         if base is bool:
             groups[g].add_argument(flag, dest=f.name, nargs="?", const="true", default=None,
                                    metavar="BOOL", help=help_text)

@@ -2,7 +2,7 @@
 
     training_config.json   the full TrainConfig (identifies the run)
     status.json            {"state": "running" | "complete" | "interrupted" | "failed", "pid", "host", ...}
-    .domain-sae.json       the marker of :mod:`domain_sae.outdirs` (kind "run")
+    .domain-sae.json       the marker of :mod:`domain_sae.util.outdirs` (kind "run")
 
 A directory is only ever replaced when it holds a domain-sae run (and ``--overwrite`` is given); a run stopped
 before its first checkpoint whose process is gone simply starts again.
@@ -17,10 +17,10 @@ import socket
 from pathlib import Path
 from typing import Optional
 
-from .atomic import remove_leftovers
-from .config import TrainConfig, from_dict, to_dict
-from .errors import RunDirError
-from .outdirs import check_output_dir, write_marker
+from ..util.atomic import remove_leftovers
+from ..config import TrainConfig, from_dict, to_dict
+from ..errors import RunDirError
+from ..util.outdirs import check_output_dir, write_marker
 
 CONFIG_FILE = "training_config.json"
 STATUS_FILE = "status.json"
@@ -84,7 +84,7 @@ def check_run_dir(run_dir: Path, cfg: TrainConfig) -> str:
     """What :func:`prepare_run_dir` would do with ``run_dir``, raising RunDirError/OutputDirError when it must
     refuse; creates nothing. Returns "new" (absent or empty), "replace" (a run, with --overwrite) or "restart"
     (the same run, stopped before its first checkpoint and no longer running: it simply starts again)."""
-    from .training.checkpoint import latest_checkpoint
+    from ..training.checkpoint import latest_checkpoint
     run_dir = Path(run_dir)
     state = check_output_dir(run_dir, "run", overwrite=cfg.overwrite, option="--output-dir/--run-name")
     if state != "ours":
@@ -139,7 +139,7 @@ def prepare_run_dir(run_dir: Path, cfg: TrainConfig) -> str:
 def remove_temporaries(run_dir: Path) -> None:
     """Delete what interrupted atomic writes left in the run directory and its checkpoints/ (``*.tmp-*``,
     ``*.old-*``, e.g. ``sae.tmp-*`` from a kill during the final save) and a half-written status."""
-    from .training.checkpoint import cleanup_incomplete
+    from ..training.checkpoint import cleanup_incomplete
     run_dir = Path(run_dir)
     remove_leftovers(run_dir)
     cleanup_incomplete(run_dir)
