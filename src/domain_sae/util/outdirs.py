@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Optional
 
 from ..errors import UserError
+from .jsonsafe import write_json
 
 MARKER = ".domain-sae.json"
 # (file, JSON key, value prefix) that identify a directory of each kind written before the marker existed
@@ -127,8 +128,7 @@ def check_output_dir(path: str | Path, kind: str, *, overwrite: bool = False, op
 def write_marker(path: str | Path, kind: str) -> Path:
     """Write the marker that identifies ``path`` as a domain-sae output of ``kind``."""
     p = Path(path) / MARKER
-    p.write_text(json.dumps({"kind": kind, "format": "domain-sae-output", "version": 1}) + "\n")
-    return p
+    return write_json(p, {"kind": kind, "format": "domain-sae-output", "version": 1}, indent=None)
 
 
 def prepare_output_dir(path: str | Path, kind: str, *, overwrite: bool = False, option: str = "--out") -> Path:
