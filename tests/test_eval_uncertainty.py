@@ -13,7 +13,8 @@ import torch
 import torch.nn.functional as F
 
 from domain_sae.evaluation import evaluate_sae
-from domain_sae.evaluation.uncertainty import DocumentSums, bootstrap_weights, error_bars
+from domain_sae.evaluation.uncertainty import (NO_INTERVAL_REASON, RESAMPLING_BIASED, DocumentSums,
+                                              bootstrap_weights, error_bars)
 from test_eval_lm import HOOK, PAD, SPECIAL, VOCAB, _content, _counted, _run, _trained, random_sae
 
 B, SEED = 40, 5
@@ -80,6 +81,12 @@ def test_bootstrap_replicates_match_brute_force(model, batch):
             1 - (wr * ((x - xh) ** 2).sum(1)).sum() / (wr * ((x - mean) ** 2).sum(1)).sum())
         reps["metrics/l0"].append(_weighted(fires.sum(1), wr))
         reps["sparsity/dead_features"].append(float(((wr[:, None] * fires).sum(0) == 0).sum()))
+    dead = reps.pop("sparsity/dead_features")
+    # the resampling bias behind RESAMPLING_BIASED: no replicate has fewer dead latents than the sample itself
+    assert min(dead) >= out["sparsity/dead_features"]
+    for key in RESAMPLING_BIASED:
+        assert all(math.isnan(err[key][k]) for k in ("se", "ci95_low", "ci95_high")), key
+        assert err[key]["no_interval"] == NO_INTERVAL_REASON
     for key, values in reps.items():
         v = np.array(values)
         assert err[key]["se"] == pytest.approx(v.std(ddof=1), rel=1e-6, abs=1e-12), key
@@ -118,3 +125,27 @@ def test_without_doc_ids_each_sequence_is_a_document(model, batch):
     a = evaluate_sae(random_sae(), model, HOOK, ids, segs, n_bootstrap=20, bootstrap_seed=1)
     b = evaluate_sae(random_sae(), model, HOOK, ids, segs, n_bootstrap=20, bootstrap_seed=1, doc_ids=rows)
     assert a["errors"] == b["errors"] and a["tokens/documents"] == 5
+
+
+def test_dead_latent_replicates_sit_above_the_value_so_no_interval_is_given():
+    """568-dead-latents case in miniature: latents that fire in one document each. The brute-force replicate dead
+    counts (a latent is dead when none of its documents is drawn) never go below the measured count and their 95%
+    percentile interval excludes it; error_bars gives no interval for it but keeps the dense count's."""
+    n_docs, d_sae, n_boot = 60, 200, 2000
+    g = torch.Generator().manual_seed(4)
+    fires = torch.zeros(n_docs, d_sae, dtype=torch.float64)
+    fires[torch.arange(150) % n_docs, torch.arange(150)] = 3.0   # latents 0..149 fire in one document each
+    fires[:, 150:180] = torch.randint(1, 5, (n_docs, 30), generator=g).double()   # common latents
+    n_tok = torch.full((n_docs,), 10.0, dtype=torch.float64)     # latents 180..199 never fire
+    w = bootstrap_weights(n_docs, n_boot, 0)
+    dead_reps = np.array([int(((wb.numpy()[:, None] * fires.numpy()).sum(0) == 0).sum()) for wb in w])
+    value = int((fires.sum(0) == 0).sum())
+    assert value == 20 and dead_reps.min() >= value
+    lo, hi = np.quantile(dead_reps, [0.025, 0.975])
+    assert lo > value                                            # the old "interval" does not contain the value
+    dense = ((w @ fires) / (w @ n_tok)[:, None] > 0.1).sum(-1).double()
+    bars = error_bars({"sparsity/dead_features": torch.as_tensor(dead_reps, dtype=torch.float64),
+                       "sparsity/dense_features": dense})
+    assert math.isnan(bars["sparsity/dead_features"]["ci95_low"]) and "no_interval" in bars["sparsity/dead_features"]
+    assert bars["sparsity/dense_features"]["se"] == pytest.approx(float(dense.std()), rel=1e-9)
+    assert "no_interval" not in bars["sparsity/dense_features"]

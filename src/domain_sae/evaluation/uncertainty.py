@@ -20,12 +20,22 @@ Per-token EV (``explained_variance_per_token_mean`` / ``_std``) keeps the full-s
 (only the tokens are resampled). Latent counts (dead, dense, below 1e-5 / 1e-6, mean log10 density) need a
 [D, d_sae] table of per-document firing counts; above ``MAX_FIRE_TABLE`` entries their error bars are left out
 (NaN) to bound memory.
+
+Counts that resampling biases (``RESAMPLING_BIASED``: dead latents and their fraction, latents below density
+1e-5 / 1e-6, the mean log10 density) get no error bar: se, ci95_low and ci95_high are NaN and ``no_interval``
+says why. A latent is dead in replicate b iff Σ_d w_bd c_di = 0, i.e. none of the documents it fired in was drawn;
+every latent dead on the sample stays dead, so dead_b >= dead in every replicate, and a replicate keeps only about
+1 - 1/e = 63% of the distinct documents, so latents that fired in few documents fall silent in many replicates.
+The replicates sit above the measured value (568 dead latents got the "interval" [572, 600]): they describe
+"silent on ~63% of the documents", not the uncertainty of the value. The rare-latent counts drift up and the mean
+log10 density down for the same reason. The dense count (fired on more than 10% of the tokens) has no such drift
+and keeps its bar.
 """
 
 from __future__ import annotations
 
 import math
-from typing import Mapping, Optional
+from typing import Any, Mapping, Optional
 
 import torch
 from torch import Tensor
@@ -33,9 +43,13 @@ from torch import Tensor
 from .metrics import DENSE_THRESHOLD, DENSITY_EPS
 
 __all__ = ["DocumentSums", "bootstrap_weights", "error_bars", "reconstruction_token_stats",
-           "reconstruction_from_totals", "MAX_FIRE_TABLE"]
+           "reconstruction_from_totals", "MAX_FIRE_TABLE", "RESAMPLING_BIASED", "NO_INTERVAL_REASON"]
 
 MAX_FIRE_TABLE = 50_000_000
+RESAMPLING_BIASED = ("sparsity/dead_features", "sparsity/dead_fraction", "sparsity/below_1e-5",
+                     "sparsity/below_1e-6", "metrics/mean_log10_feature_sparsity")
+NO_INTERVAL_REASON = ("no error bar: resampling documents leaves more latents silent, so the bootstrap replicates "
+                      "of this count sit above the measured value and their percentiles are not an interval for it")
 
 
 class DocumentSums:
@@ -67,10 +81,15 @@ def bootstrap_weights(n_docs: int, n_boot: int, seed: int) -> Tensor:
                                                                                             dtype=torch.float64))
 
 
-def error_bars(replicates: Mapping[str, Tensor]) -> dict[str, dict[str, float]]:
-    """{metric: {"se", "ci95_low", "ci95_high"}} from each metric's [B] bootstrap replicates (module docstring)."""
-    out: dict[str, dict[str, float]] = {}
+def error_bars(replicates: Mapping[str, Tensor]) -> dict[str, dict[str, Any]]:
+    """{metric: {"se", "ci95_low", "ci95_high"}} from each metric's [B] bootstrap replicates (module docstring);
+    the ``RESAMPLING_BIASED`` counts get NaN for all three and ``"no_interval": NO_INTERVAL_REASON``."""
+    out: dict[str, dict[str, Any]] = {}
     for key, reps in replicates.items():
+        if key in RESAMPLING_BIASED:
+            out[key] = {"se": math.nan, "ci95_low": math.nan, "ci95_high": math.nan,
+                        "no_interval": NO_INTERVAL_REASON}
+            continue
         r = reps.to(torch.float64).reshape(-1)
         r = r[torch.isfinite(r)]
         if r.numel() < 2:
