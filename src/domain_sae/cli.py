@@ -5,7 +5,7 @@
     dsae eval     SAE_DIR [SAE_DIR ...] --data chat --data code [--tokens N] [--out DIR]
     dsae compare  STUDY_CONFIG [--out DIR]
     dsae demo     [--quick] [--out DIR]
-    dsae options  [train|eval|study]        print the option reference (Markdown)
+    dsae options  [train|eval|study] [--all] print the option reference (Markdown)
     dsae features SAE_DIR [SAE_DIR ...] --data chat --data code [--tokens N] --out STORE
     dsae dashboard STORE [--port 8000] [--host 127.0.0.1] [--export DIR]
     dsae cache    --model M --hook H [--hook H2] --data chat --tokens N --out DIR [--dtype float32|bfloat16]
@@ -111,8 +111,13 @@ def build_parser() -> argparse.ArgumentParser:
     _feature_parsers(sub)
     _cache_parser(sub)
 
-    opts = sub.add_parser("options", help="Print the option reference as Markdown.")
-    opts.add_argument("which", nargs="?", default="train", choices=["train", "eval", "study"])
+    opts = sub.add_parser("options", help="Print the option reference as Markdown.",
+                          description="Print the options of a config file (train, eval or study) as a Markdown "
+                                      "table, or with --all every command's flags and every config table "
+                                      "(docs/options.md).")
+    opts.add_argument("which", nargs="?", default="train", choices=["train", "eval", "study"],
+                      help="Which config's options (default train).")
+    opts.add_argument("--all", action="store_true", help="The whole reference: every command and config file.")
     return parser
 
 
@@ -332,12 +337,22 @@ def _bundled_config(name: str) -> Path:
     raise C.ConfigError(f"Bundled config {name} not found next to the package.")
 
 
-def cmd_options(ns) -> int:
-    if ns.which == "study":
+def _options_class(which: str):
+    if which == "study":
         from .study.config import StudyConfig
-        print(C.config_reference_markdown(StudyConfig))
-    else:
-        print(C.config_reference_markdown(C.TrainConfig if ns.which == "train" else C.EvalConfig))
+        return StudyConfig
+    return C.TrainConfig if which == "train" else C.EvalConfig
+
+
+def cmd_options(ns) -> int:
+    if ns.all:  # docs/options.md (tests/test_options_reference.py keeps the committed copy equal to this)
+        from .config.reference import cli_reference_markdown
+        tables = [("`dsae train` and `dsae finetune` (`dsae options train`)", _options_class("train")),
+                  ("`dsae eval` (`dsae options eval`)", _options_class("eval")),
+                  ("`dsae compare` and `dsae demo`: the study config (`dsae options study`)", _options_class("study"))]
+        print(cli_reference_markdown(build_parser(), tables), end="")
+        return 0
+    print(C.config_reference_markdown(_options_class(ns.which)))
     return 0
 
 

@@ -1,5 +1,5 @@
 """Options of the SAE architectures beyond ReLU + L1 (SPEC section 2), of the kernels, and of the GPU fast path.
-Mixed into :class:`domain_sae.config.TrainConfig`; documented once here (the README's option reference and
+Mixed into :class:`domain_sae.config.TrainConfig`; documented once here (docs/options.md and
 ``dsae train --help`` are generated from these fields)."""
 
 from __future__ import annotations

@@ -1,7 +1,7 @@
 """Typed, validated run configuration.
 
 Each option is documented exactly once, as a dataclass field whose ``metadata["help"]`` gives units, default and
-formula. The CLI flags (``dsae train --help``), YAML/TOML config loading and the config reference in the README
+formula. The CLI flags (``dsae train --help``), YAML/TOML config loading and the option reference (docs/options.md)
 are all generated from these fields, so they cannot drift apart.
 
 Precedence: field default < config file < command-line flag.
@@ -75,8 +75,8 @@ class SAEConfig:
     """Shape, initialisation and loss of the standard (ReLU + L1) SAE; SPEC section 1."""
 
     architecture: Literal["standard", "topk", "batchtopk", "jumprelu", "matryoshka"] = opt(
-        "standard", "SAE architecture: standard (ReLU + L1), topk, batchtopk, jumprelu, matryoshka (README "
-        "\"Architectures\"; options in the architecture group).", group="sae")
+        "standard", "SAE architecture: standard (ReLU + L1), topk, batchtopk, jumprelu, matryoshka (docs/"
+        "architectures.md; options in the architecture group).", group="sae")
     expansion_factor: int = opt(4, "d_sae = expansion_factor * d_in (ignored when d_sae is set).", group="sae")
     d_sae: Optional[int] = opt(None, "Number of latents; default expansion_factor * d_in.", group="sae")
     apply_b_dec_to_input: bool = opt(False, "Subtract b_dec from the input before encoding: z = (x - b_dec) W_enc + "

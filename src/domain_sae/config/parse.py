@@ -136,7 +136,7 @@ def from_dict(cls, values: dict, *, source: str = "config") -> Any:
             close = difflib.get_close_matches(name, list(fields) + list(aliases), n=3)
             hint = f" Did you mean {', '.join(close)}?" if close else ""
             raise ConfigError(f"Unknown option '{key}' in {source}.{hint} Run `dsae train --help` or see the "
-                              f"config reference in the README for valid options.")
+                              f"option reference in docs/options.md for valid options.")
         kwargs[name] = coerce(name, hints[name], value)
     return cls(**kwargs)
 
@@ -208,11 +208,12 @@ def build_config(cls, *, config_file: Optional[str] = None, overrides: Optional[
 
 
 def config_reference_markdown(cls) -> str:
-    """The option table used in the README (generated, never hand-edited)."""
+    """The option table of a config dataclass (`dsae options train|eval|study`, and the config-file tables of
+    docs/options.md); a ``|`` in a help text is escaped so that it cannot end a table cell."""
     hints = typing.get_type_hints(cls)
     lines = ["| option | type | default | meaning |", "|---|---|---|---|"]
     for f in dataclasses.fields(cls):
         default = f.default if f.default is not dataclasses.MISSING else None
-        lines.append(f"| `{f.name}` | {_type_name(hints[f.name])} | `{json.dumps(default)}` | "
-                     f"{f.metadata.get('help', '')} |")
+        meaning = f.metadata.get("help", "").replace("|", "\\|")
+        lines.append(f"| `{f.name}` | {_type_name(hints[f.name])} | `{json.dumps(default)}` | {meaning} |")
     return "\n".join(lines)
