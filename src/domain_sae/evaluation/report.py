@@ -136,7 +136,9 @@ def _intro(summary: dict) -> list[str]:
         "token is neither padding nor a special/chat-template-marker token); CE score = (CE_zero-abl - CE_SAE) / "
         "(CE_zero-abl - CE_clean); Δ CE = CE_SAE - CE_clean; KL = mean KL(p_clean || p_patched); KL score = "
         "(KL_zero-abl - KL_SAE) / KL_zero-abl; EV = 1 - Σ||x - x̂||² / Σ||x - x̄||² over the evaluated tokens (x̄ "
-        "their mean), float64; dead = never fired on the evaluated tokens; dense = fired on more than 10% of them.",
+        "their mean), float64; dead = never fired on the evaluated tokens (no error bar: resampling documents "
+        "only adds dead latents, so a bootstrap interval would sit above the value); dense = fired on more than 10% "
+        "of them.",
     ]
 
 
