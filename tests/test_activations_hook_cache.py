@@ -107,8 +107,7 @@ def test_killed_build_resumes_to_identical_files(cache, tmp_path, tiny_lm):
 
 def test_training_from_the_cache_matches_the_live_store(cache, tmp_path, tiny_lm):
     cfg = train_cfg(tmp_path, activations=str(cache / H1), buffer_size_tokens=1024)
-    from_cache = pipeline._prepare(cfg, tiny_lm, resolve_hook(tiny_lm.model, H1), 32, None, None, None, None,
-                                   resuming=True)[1]
+    from_cache = pipeline.training_source(cfg, tiny_lm, resolve_hook(tiny_lm.model, H1), 32)
     live = pipeline.live_activation_store(train_cfg(tmp_path, buffer_size_tokens=1024), tiny_lm,
                                           resolve_hook(tiny_lm.model, H1), 32)
     a, b = from_cache.first_buffer(), live.first_buffer()

@@ -119,6 +119,13 @@ class TrainConfig(FastPathConfig, ArchitectureConfig, DataConfig, SAEConfig):
     lr_decay_steps: int = opt(0, "Linear decay to 0 over the last D steps.", group="training")
     lr_end: Optional[float] = opt(None, "End LR of cosine annealing; default lr / 10.", group="training")
     l1_coefficient: float = opt(5.0, "Sparsity coefficient lambda.", group="training")
+    objective: Literal["mse", "kl", "kl+mse"] = opt(
+        "mse", "Training loss: mse (the SAE's own loss on shuffled activations), kl (end-to-end: the SAE spliced in "
+        "at its hook of the frozen model, L = mean over counted positions of KL(p_clean || p_with_SAE) + the SAE's "
+        "sparsity term; reads whole sequences, train_batch_size_tokens / context_size per step) or kl+mse (adds "
+        "kl_mse_weight * mse). Formula and cost: docs/finetuning.md.", group="training")
+    kl_mse_weight: float = opt(1.0, "objective kl+mse: weight w of the reconstruction term in L = KL + w * mse + "
+                               "sparsity.", group="training")
     l1_warm_up_steps: int = opt(0, "lambda_t = l1_coefficient * min(t / l1_warm_up_steps, 1).", group="training")
     adam_beta1: float = opt(0.9, "Adam beta1.", group="training")
     adam_beta2: float = opt(0.999, "Adam beta2.", group="training")
@@ -194,6 +201,7 @@ class TrainConfig(FastPathConfig, ArchitectureConfig, DataConfig, SAEConfig):
         need(self.lr > 0, f"lr must be positive (got {self.lr}); typical SAE learning rates are 1e-4 to 1e-3.")
         need(self.lr_end is None or self.lr_end >= 0, f"lr_end must be >= 0 (got {self.lr_end}).")
         need(self.l1_coefficient >= 0, f"l1_coefficient must be >= 0 (got {self.l1_coefficient}).")
+        self._check_objective(need)
         for name in ("adam_beta1", "adam_beta2"):
             need(0.0 <= getattr(self, name) < 1.0, f"{name} must be in [0, 1) (got {getattr(self, name)}); the "
                  f"usual values are adam_beta1 0.9 and adam_beta2 0.999.")
@@ -228,6 +236,23 @@ class TrainConfig(FastPathConfig, ArchitectureConfig, DataConfig, SAEConfig):
                  + " (SPEC section 1): unit-norm decoder rows make both meaningless. Set "
                  + ", ".join(f"{c}=false" for c in clash) + " or normalize_sae_decoder=false.")
         return self
+
+    def _check_objective(self, need) -> None:
+        """The combinations the end-to-end objectives cannot run with (each refused with its fix)."""
+        need(self.kl_mse_weight >= 0, f"kl_mse_weight must be >= 0 (got {self.kl_mse_weight}).")
+        need(self.objective == "kl+mse" or self.kl_mse_weight == 1.0,
+             f"kl_mse_weight ({self.kl_mse_weight}) only weighs the mse term of objective kl+mse, but the objective "
+             f"is {self.objective}; pass --objective kl+mse, or drop --kl-mse-weight.")
+        if self.objective == "mse":
+            return
+        need(not self.activations, f"objective {self.objective} splices the SAE into the live model and runs it "
+             f"to the logits, so it cannot train from an activation cache ({self.activations}); drop "
+             f"--activations (the tokens come from --data), or use --objective mse with the cache.")
+        whole = max(1, self.train_batch_size_tokens // self.context_size) * self.context_size
+        need(self.train_batch_size_tokens % self.context_size == 0,
+             f"objective {self.objective} trains on whole sequences, so train_batch_size_tokens "
+             f"({self.train_batch_size_tokens}) must be a multiple of context_size ({self.context_size}); e.g. "
+             f"--train-batch-size-tokens {whole}.")
 
 
 @dataclass

@@ -368,13 +368,13 @@ def forward_with_capture(model: nn.Module, hook: HookPoint, input_ids: torch.Ten
     return logits, store["a"]
 
 
-@torch.no_grad()
 def forward_with_patch(model: nn.Module, hook: HookPoint, input_ids: torch.Tensor,
                        patch_fn: Callable[[torch.Tensor], torch.Tensor],
-                       attention_mask: Optional[torch.Tensor] = None) -> torch.Tensor:
+                       attention_mask: Optional[torch.Tensor] = None, *, grad: bool = False) -> torch.Tensor:
     """Logits [B, T, V] of a full forward pass in which the hook's activation ``a`` is replaced by ``patch_fn(a)``
-    (same shape; cast to ``a``'s dtype and device). The hook is removed afterwards, also when anything raises."""
-    with _hooked(model, hook, checked_patch(hook, patch_fn)):
+    (same shape; cast to ``a``'s dtype and device). The hook is removed afterwards, also when anything raises.
+    Without gradients, unless ``grad``: then they flow from the logits into what ``patch_fn`` returned."""
+    with torch.set_grad_enabled(grad), _hooked(model, hook, checked_patch(hook, patch_fn)):
         return _call(model, input_ids, attention_mask).logits
 
 

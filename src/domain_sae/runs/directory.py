@@ -5,7 +5,8 @@
     .domain-sae.json       the marker of :mod:`domain_sae.util.outdirs` (kind "run")
 
 A directory is only ever replaced when it holds a domain-sae run (and ``--overwrite`` is given); a run stopped
-before its first checkpoint whose process is gone simply starts again.
+before its first checkpoint whose process is gone simply starts again. :func:`run_status` is the one place that
+writes a training run's state: "running" on entry, then "complete", "interrupted" or "failed".
 """
 
 from __future__ import annotations
@@ -14,8 +15,9 @@ import json
 import os
 import shutil
 import socket
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Optional
+from typing import Iterable, Iterator, Optional
 
 from ..util.atomic import remove_leftovers
 from ..config import TrainConfig, from_dict, to_dict
@@ -122,8 +124,8 @@ def check_run_dir(run_dir: Path, cfg: TrainConfig) -> str:
 
 def prepare_run_dir(run_dir: Path, cfg: TrainConfig) -> str:
     """Create ``run_dir`` for a new run (see :func:`check_run_dir`: only a domain-sae run is ever replaced, and
-    only with ``cfg.overwrite``), write the marker, the config and a "running" status. Returns the action taken
-    ("new", "replace" or "restart")."""
+    only with ``cfg.overwrite``), write the marker and the config (the status is :func:`run_status`'s). Returns the
+    action taken ("new", "replace" or "restart")."""
     run_dir = Path(run_dir)
     action = check_run_dir(run_dir, cfg)
     if action == "replace":
@@ -132,8 +134,36 @@ def prepare_run_dir(run_dir: Path, cfg: TrainConfig) -> str:
     write_marker(run_dir, "run")
     remove_temporaries(run_dir)
     (run_dir / CONFIG_FILE).write_text(json.dumps(to_dict(cfg), indent=2))
-    write_status(run_dir, "running")
     return action
+
+
+@contextmanager
+def run_status(run_dirs: Iterable[Path], *, remove_if_unstarted: bool = False) -> Iterator[None]:
+    """The state of the runs trained inside the block: "running" on entry; on success the temporaries are removed
+    and the state is "complete"; Ctrl-C gives "interrupted"; any other exception "failed" (with the error), except
+    that a run this call's caller just created (``remove_if_unstarted``) and that has no checkpoint yet is removed
+    (nothing to resume). The exception propagates. An empty ``run_dirs`` (the other ranks of a torchrun job)
+    writes nothing."""
+    from ..training.checkpoint import latest_checkpoint
+    run_dirs = [Path(d) for d in run_dirs]
+    for d in run_dirs:
+        write_status(d, "running")
+    try:
+        yield
+    except KeyboardInterrupt:
+        for d in run_dirs:
+            write_status(d, "interrupted")
+        raise
+    except BaseException as e:
+        for d in run_dirs:
+            if remove_if_unstarted and latest_checkpoint(d) is None:
+                shutil.rmtree(d, ignore_errors=True)
+            else:
+                write_status(d, "failed", error=f"{type(e).__name__}: {e}")
+        raise
+    for d in run_dirs:
+        remove_temporaries(d)
+        write_status(d, "complete")
 
 
 def remove_temporaries(run_dir: Path) -> None:

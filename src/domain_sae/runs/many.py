@@ -19,10 +19,11 @@ from pathlib import Path
 import torch
 
 from ..config import ConfigError, TrainConfig, from_dict, to_dict
-from .single import TrainResult, _make_trainer, _prepare, load_lm
 from ..errors import RunDirError
 from ..training import distributed
-from .directory import check_run_dir, prepare_run_dir, read_status, remove_temporaries, write_status
+from .directory import check_run_dir, prepare_run_dir, read_status, run_status
+from .kl_objective import check_end_to_end
+from .parts import assemble, load_lm
 
 # Many SAEs from one model pass (a `saes:` list in the train config)
 
@@ -72,6 +73,8 @@ def train_many(cfg: TrainConfig, saes: list, *, lm=None, quiet: bool = False, re
         raise ConfigError("A saes: list trains from the live model in one pass; drop activations (train each SAE "
                           "from the cache with its own dsae train --activations instead).")
     subs = sae_configs(cfg, saes)
+    for sub in [cfg, *subs]:
+        check_end_to_end(sub, many=True)
     group = Path(cfg.output_dir) / (cfg.run_name or "multi")
     if not resume:
         for sub in subs:
@@ -96,33 +99,20 @@ def train_many(cfg: TrainConfig, saes: list, *, lm=None, quiet: bool = False, re
     if not resume:
         prepare_output_dir(group, "multi-sae-run", option="--output-dir/--run-name")
         (group / MULTI_FILE).write_text(json.dumps({"base": to_dict(cfg), "saes": saes}, indent=2))
-    trainers = []
+    runs = []
     for sub in subs:
         view = ColumnView(shared, offsets[sub.hook], offsets[sub.hook] + widths[sub.hook])
-        parts = _prepare(sub, lm, points[sub.hook], widths[sub.hook], view, None, None, None, resuming=resume)
+        runs.append(assemble(sub, group / sub.run_name, lm, points[sub.hook], widths[sub.hook], source=view,
+                             resuming=resume))
         if not resume:
             prepare_run_dir(group / sub.run_name, sub)
-        trainers.append(_make_trainer(group / sub.run_name, sub, *parts, quiet=quiet))
-    multi = MultiTrainer(trainers, shared)
-    if resume:
-        multi.resume()
-    for t in trainers:
-        write_status(t.run_dir, "running")
-    try:
+    with run_status([p.run_dir for p in runs]):
+        trainers = [p.trainer(quiet=quiet) for p in runs]
+        multi = MultiTrainer(trainers, shared)
+        if resume:
+            multi.resume()
         summaries = multi.train()
-    except KeyboardInterrupt:
-        for t in trainers:
-            write_status(t.run_dir, "interrupted")
-        raise
-    except BaseException as e:
-        for t in trainers:
-            write_status(t.run_dir, "failed", error=f"{type(e).__name__}: {e}")
-        raise
-    for t in trainers:
-        remove_temporaries(t.run_dir)
-        write_status(t.run_dir, "complete")
-    return [TrainResult(run_dir=t.run_dir, sae_dir=t.run_dir / "sae", sae=t.final_sae(), summary=s)
-            for t, s in zip(trainers, summaries)]
+    return [p.result(t, s) for p, t, s in zip(runs, trainers, summaries)]
 
 
 def resume_many(group: Path, *, lm=None, quiet: bool = False) -> list:

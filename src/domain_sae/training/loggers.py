@@ -141,7 +141,8 @@ class ConsoleProgress(Logger):
     def log(self, step: int, metrics: dict[str, Any]) -> None:
         self._advance(int(metrics.get("details/n_training_tokens", self._tokens)))
         post = {}
-        for key, short, fmt in [("losses/mse_loss", "mse", "{:.4g}"), ("metrics/l0", "L0", "{:.1f}"),
+        for key, short, fmt in [("losses/kl_loss", "kl", "{:.4g}"), ("losses/mse_loss", "mse", "{:.4g}"),
+                                ("metrics/l0", "L0", "{:.1f}"),
                                 ("metrics/explained_variance", "EV", "{:.3f}"),
                                 ("sparsity/dead_features", "dead", "{}")]:
             if key in metrics and metrics[key] is not None:

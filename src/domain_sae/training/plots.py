@@ -24,6 +24,7 @@ SUMMARY_KEYS = [
     ("details/n_training_tokens", "training tokens", "{:,.0f}"),
     ("losses/mse_loss", "MSE (training scale)", "{:.4g}"),
     ("losses/l1_loss", "L1 (unscaled)", "{:.4g}"),
+    ("losses/kl_loss", "KL(p_clean || p_SAE), training batch (nats; objective kl, kl+mse)", "{:.4g}"),
     ("losses/overall_loss", "overall loss", "{:.4g}"),
     ("metrics/explained_variance", "explained variance (last training batch)", "{:.4f}"),
     ("metrics/l0", "L0 (last training batch)", "{:.2f}"),

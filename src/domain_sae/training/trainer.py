@@ -2,7 +2,9 @@
 
 Per optimizer step t (0-based), with s the activation scale (SPEC 1):
 
-    x' = s * x;  L = sae.loss(x', lambda_t, dead_mask=dead latents);  L.backward()   (under bf16 autocast on CUDA)
+    L, dL/dtheta = objective.step(batch)   default (objective mse): x' = s * x;  L = sae.loss(x', lambda_t,
+                   dead_mask=dead latents);  L.backward()   (under bf16 autocast on CUDA); the end-to-end
+                   objectives (kl, kl+mse) are in :mod:`.objectives`
     if normalize_sae_decoder: remove the gradient component parallel to each decoder row
     clip the global gradient norm to grad_clip_norm;  lr <- lr_at(t);  Adam step
     if normalize_sae_decoder: renormalise decoder rows to unit norm
@@ -15,7 +17,7 @@ accelerators, the dead-latent count AuxK needs is refreshed there too).
 Every ``log_every`` steps (and at the last step) the SPEC 3 keys are logged; every ``eval_every`` logs the
 evaluator runs on a folded copy of the SAE. Checkpoints: ``n_checkpoints`` evenly spaced ones (a usable folded
 SAE + the full training state), a rolling resume checkpoint every ``resume_checkpoint_minutes``, and one on
-Ctrl-C. The model is never run here: batches come from the source.
+Ctrl-C. The model is never run here: batches come from the source (an end-to-end objective runs it).
 """
 
 from __future__ import annotations
@@ -38,10 +40,11 @@ from ..activations.live import SourceExhaustedError
 from ..errors import UserError
 from ..evaluation.metrics import ReconstructionAccumulator
 from ..util.markdown import escape_markdown
-from ..sae.base import SAE, LossOutput
+from ..sae.base import SAE
 from . import checkpoint as ckpt
 from . import distributed, fastpath
 from .loggers import METRICS_FILE, JSONLLogger, Logger, MultiLogger
+from .objectives import ActivationObjective, Objective
 from .plots import last_values, plot_training_curves, summary_table
 from .schedules import l1_at, lr_at
 from .sparsity import SparsityTracker
@@ -53,7 +56,8 @@ __all__ = ["Trainer", "TrainingInterrupted", "TrainingDivergedError", "check_div
 _TRACE_OPTIONS = ("training_tokens", "train_batch_size_tokens", "buffer_size_tokens", "lr", "lr_scheduler_name",
                   "lr_warm_up_steps", "lr_decay_steps", "lr_end", "l1_coefficient", "l1_warm_up_steps",
                   "adam_beta1", "adam_beta2", "grad_clip_norm", "seed", "normalize_sae_decoder", "data", "model",
-                  "hook", "context_size", "architecture", "k", "kernels", "autocast", "activations")
+                  "hook", "context_size", "architecture", "k", "kernels", "autocast", "activations",
+                  "objective", "kl_mse_weight")
 
 
 class TrainingInterrupted(KeyboardInterrupt):
@@ -116,12 +120,13 @@ class Trainer:
     """Train ``sae`` on batches from ``source`` (an ActivationStore or CachedActivationSource).
 
     ``loggers``: a list of :class:`~.loggers.Logger` or a MultiLogger (default: ``run_dir/metrics.jsonl``);
-    ``evaluator(sae) -> dict`` receives a folded copy (takes raw activations); ``activation_scale`` is s.
+    ``evaluator(sae) -> dict`` receives a folded copy (takes raw activations); ``activation_scale`` is s;
+    ``objective`` (:mod:`.objectives`) computes each step's loss and gradients (default: the SAE's own loss).
     """
 
     def __init__(self, sae: SAE, cfg, source, run_dir: str | Path, loggers: Optional[Iterable[Logger]] = None,
                  evaluator: Optional[Callable[[Any], dict]] = None, activation_scale: float = 1.0, *,
-                 verbose: bool = True):
+                 verbose: bool = True, objective: Optional[Objective] = None):
         self.sae = sae
         self.cfg = cfg
         self.source = source
@@ -141,7 +146,8 @@ class Trainer:
         sae.configure_kernels(cfg.kernels, cfg.sparse_density_threshold)
         fastpath.configure_matmul_precision(cfg, self.device)
         self.optimizer = fastpath.make_optimizer(sae.parameters(), cfg, self.device)
-        self._loss = fastpath.loss_function(sae, cfg)
+        self.sae_loss = fastpath.loss_function(sae, cfg)
+        self.objective = objective if objective is not None else ActivationObjective()
         self._sync_every = fastpath.host_sync_every(cfg, self.device)
         self._n_dead = 0  # host copy of the dead-latent count, refreshed every _sync_every steps
         self.tracker = SparsityTracker.from_config(int(sae.W_dec.shape[0]), cfg)
@@ -166,11 +172,8 @@ class Trainer:
                 f"The activation source ran out of data after {self.tokens} training tokens (step {self.step} of "
                 f"{self.total_steps}). Use more data (or a repeating stream) or lower training_tokens.") from None
 
-    def _train_step(self, batch: torch.Tensor):
+    def _train_step(self, batch):
         cfg = self.cfg
-        x = batch.to(self.device, self.dtype, non_blocking=True)
-        if self.activation_scale != 1.0:
-            x = x * self.activation_scale
         lr, l1 = lr_at(self.step, cfg), l1_at(self.step, cfg)
         for group in self.optimizer.param_groups:
             group["lr"] = lr
@@ -178,14 +181,12 @@ class Trainer:
         if sync:
             self._n_dead = int(self.tracker.dead_mask().sum())
         dead = self.tracker.dead_mask() if self._n_dead > 0 else None
-        with fastpath.autocast_context(cfg, self.device):
-            out: LossOutput = self._loss(x, l1, dead_mask=dead, n_dead=self._n_dead if dead is not None else None)
-        if sync:
+        self.optimizer.zero_grad(set_to_none=True)
+        x, out = self.objective.step(self, batch, l1, dead, self._n_dead if dead is not None else None)
+        if sync:  # before the update: a non-finite loss never reaches the weights
             total = distributed.all_reduce_sum(out.total.detach()) / self.dist.world_size
             self._loss_ref = check_divergence(total, self._loss_ref, step=self.step + 1,
                                               total_steps=self.total_steps, lr=lr, l1=l1, run_dir=self.run_dir)
-        self.optimizer.zero_grad(set_to_none=True)
-        out.total.backward()
         distributed.average_gradients(self.sae.parameters())
         if cfg.normalize_sae_decoder:
             self.sae.remove_gradient_parallel_to_decoder_directions()
@@ -321,7 +322,7 @@ class Trainer:
                 batch = self._next_batch()
                 x, out, lr, l1 = self._train_step(batch)
                 self.step += 1
-                self.tokens += batch.shape[0] * self.dist.world_size
+                self.tokens += self.objective.batch_tokens(batch) * self.dist.world_size
                 if self.step % cfg.log_every == 0 or self.step == self.total_steps:
                     self._log(x.detach(), out, lr, l1)
                 del x, out
