@@ -1,6 +1,7 @@
 """The dashboard's HTTP surface (FastAPI TestClient, tiny in-process model): JSON equals the store, errors are
-JSON with messages, no path traversal, text from data is never emitted as markup, the static export, and the
-prompt endpoint's ablation job equals a manual single-latent ablation."""
+JSON with messages, no path traversal, text from data is never emitted as markup, the static export, request
+bodies refused before any model work (also on a cold server), and the prompt endpoint's ablation job equals a
+manual single-latent ablation."""
 
 from __future__ import annotations
 
@@ -13,30 +14,24 @@ import torch.nn.functional as F
 pytest.importorskip("fastapi")
 pytest.importorskip("httpx")
 from fastapi.testclient import TestClient
-from feature_helpers import HOOK, PLANTED, finetuned_copy, heldout_sets, make_sae
+from dashboard_helpers import build_store, tiny_model, wait_job
+from feature_helpers import HOOK, PLANTED, finetuned_copy, make_sae
 
 from domain_sae.dashboard.app import create_app
 from domain_sae.dashboard.export import export_site
 from domain_sae.dashboard.pages import embed_json
-from domain_sae.features.build import build_feature_store
-from domain_sae.features.options import FeatureOptions
+from domain_sae.features.prompt import MAX_PROMPT_CHARS
 from domain_sae.features.queries import FeatureStore
 from domain_sae.models.hooks import forward_with_patch, resolve_hook
 
 
 @pytest.fixture(scope="module")
 def env(smol_tokenizer, tmp_path_factory):
-    from conftest import make_tiny_model
-
-    from domain_sae.models.load import LoadedModel
-    lm = LoadedModel(make_tiny_model("llama"), smol_tokenizer, "tiny-llama", "in-process", "llama")
+    lm = tiny_model(smol_tokenizer)
     tmp = tmp_path_factory.mktemp("dash")
     parent = make_sae(1)
     child = finetuned_copy(parent, 2, str(tmp / "general"))
-    out = build_feature_store([tmp / "general", tmp / "general_chat"], ["chat", "code"], 192, tmp / "f.sqlite",
-                              lm=lm, saes=[parent, child], heldout=heldout_sets(smol_tokenizer),
-                              options=FeatureOptions(top_k=6, top_k_per_dataset=4, window_before=6,
-                                                     window_after=3), write=None)
+    out = build_store(tmp, lm, {"general": parent, "general_chat": child})
     app = create_app(out, lm=lm, saes={"general": parent, "general_chat": child}, ablation_batch=4)
     return {"client": TestClient(app), "store": FeatureStore(out), "path": out, "lm": lm, "saes": [parent, child],
             "tmp": tmp}
@@ -63,7 +58,7 @@ def test_api_matches_store(env):
 def test_errors_are_404_or_400_with_messages(env):
     c = env["client"]
     for url in ["/api/feature/48", "/api/feature/-1", "/api/feature/abc", "/api/features?sae=missing",
-                "/api/prompt/nojob", "/api/nothing"]:
+                "/api/job/nojob", "/api/nothing"]:
         r = c.get(url)
         assert r.status_code == 404, url
         assert r.json()["error"]
@@ -75,19 +70,58 @@ def test_errors_are_404_or_400_with_messages(env):
         r = c.get(bad)
         assert r.status_code == 404, bad
         assert "SCHEMA_SQL" not in r.text and "root:" not in r.text
-    assert c.get("/assets/app.js").status_code == 200
+    assert c.get("/assets/app.js").status_code == 200 and c.get("/assets/panels.js").status_code == 200
+    assert c.delete("/api/job/nojob").status_code == 404
+
+
+BAD_PROMPTS = [({"text": ""}, "empty"), ({"text": "x" * (MAX_PROMPT_CHARS + 1)}, "limit"), ({"text": 3}, "string"),
+               ({"messages": [{"role": 1}]}, "list"), ({"prompt": "hi"}, "Unknown field"), ([1, 2], "object"),
+               ({"text": "hi", "messages": [{"role": "user", "content": "hi"}]}, "exactly one"),
+               ({"messages": [{"role": "user", "content": "hi"}, {"role": "<script>", "content": "x"}]},
+                "Message 2 has role '<script>'; the roles are user, assistant, system."),
+               ({"messages": [{"role": "tool", "content": "x"}]}, "the roles are user, assistant, system"),
+               ({"messages": [{"role": "user", "content": "x", "name": "y"}]}, "only role and content")]
 
 
 def test_prompt_errors_are_json(env):
     c = env["client"]
-    cases = [({"text": ""}, "empty"), ({"text": "x" * 5000}, "limit"), ({"text": 3}, "string"),
-             ({"messages": [{"role": 1}]}, "list"), ({"prompt": "hi"}, "Unknown field"), ([1, 2], "object")]
-    for body, msg in cases:
-        r = c.post("/api/prompt", json=body)
-        assert r.status_code == 400 and msg in r.json()["error"], body
+    for body, msg in BAD_PROMPTS:
+        for endpoint, extra in (("prompt", {}), ("steer", {"latent": 1}), ("live", {"latent": 1})):
+            r = c.post(f"/api/{endpoint}", json={**body, **extra} if isinstance(body, dict) else body)
+            assert r.status_code == 400 and msg in r.json()["error"], (endpoint, body)
     r = c.post("/api/prompt", content=b"{not json", headers={"Content-Type": "application/json"})
     assert r.status_code == 400 and "JSON" in r.json()["error"]
     assert c.post("/api/prompt", json={"text": "hi there", "sae": "nope"}).status_code == 404
+    for body, msg in [({"latent": 48}, "no latent 48"), ({"latent": "3"}, "integer"), ({"latent": True}, "integer"),
+                      ({}, "integer"), ({"latent": 1, "mode": "boost"}, "add, clamp"),
+                      ({"latent": 1, "strength": 10.5}, "between -10 and 10"),
+                      ({"latent": 1, "strength": "big"}, "number"),
+                      ({"latent": 1, "max_new_tokens": 65}, "between 1 and 64"),
+                      ({"latent": 1, "max_new_tokens": 2.5}, "integer")]:
+        r = c.post("/api/steer", json={"text": "hi there", **body})
+        assert r.status_code == 400 and msg in r.json()["error"], body
+    r = c.post("/api/live", json={"text": "hi there", "latent": -1})
+    assert r.status_code == 400 and "no latent -1" in r.json()["error"]
+
+
+def test_bad_bodies_answer_at_once_on_a_cold_server(env):
+    """No model loaded yet (it would load on the first valid request): every bad body is refused without loading it;
+    a server started without a model refuses a valid request at once, naming --no-model."""
+    app = create_app(env["path"])
+    c = TestClient(app)
+    t0 = time.perf_counter()
+    for body, msg in BAD_PROMPTS:
+        assert msg in c.post("/api/prompt", json=body).json()["error"]
+    assert c.post("/api/steer", json={"text": "hi", "latent": 1, "strength": 99}).status_code == 400
+    assert c.post("/api/live", json={"text": 12345, "latent": 1}).status_code == 400
+    assert time.perf_counter() - t0 < 5
+    assert app.state.models.lm is None and app.state.models.saes == {}
+    assert app.state.worker.tasks == {}
+    off = TestClient(create_app(env["path"], load_model=False))
+    for endpoint in ("prompt", "steer", "live"):
+        r = off.post(f"/api/{endpoint}", json={"text": "hi there", "latent": 1} if endpoint != "prompt" else
+                     {"text": "hi there"})
+        assert r.status_code == 400 and "--no-model" in r.json()["error"]
 
 
 @torch.no_grad()
@@ -97,12 +131,8 @@ def test_prompt_ablation_job_equals_manual_ablation(env):
     assert r.status_code == 200
     res = r.json()
     assert set(res["metrics"]) == {"activation", "quantile", "logit", "ablation"}
-    for _ in range(200):
-        j = c.get(f"/api/prompt/{res['job']}").json()
-        if j["status"] in ("done", "error"):
-            break
-        time.sleep(0.05)
-    assert j["status"] == "done" and j["done"] == j["total"] == len(res["candidates"])
+    j = wait_job(c.get, res["job"])
+    assert j["status"] == "done" and j["done"] == j["total"] == len(res["candidates"]) and j["kind"] == "prompt"
     ids = torch.tensor([[t["id"] for t in res["tokens"]]])
     hp = resolve_hook(lm.model, HOOK)
     store = {}
@@ -110,7 +140,7 @@ def test_prompt_ablation_job_equals_manual_ablation(env):
     ce = F.cross_entropy(clean[0, :-1], ids[0, 1:], reduction="none")
     f = sae.encode(store["a"][0])
     checked = 0
-    for t, entries in enumerate(j["ablation"][:-1]):
+    for t, entries in enumerate(j["result"][:-1]):
         for e in entries[:1]:
             patched = forward_with_patch(lm.model, hp, ids, lambda a, e=e: a - f[:, e["latent"], None][None] *
                                          sae.W_dec[e["latent"]])
@@ -140,28 +170,3 @@ def test_text_from_data_is_escaped_everywhere(env):
     feature_page = out / "feature" / "0" / f"{latent}.html"
     assert feature_page.stat().st_size < 200_000
     assert "\\u003c" in feature_page.read_text()  # the planted markup is there as inert, escaped data
-
-
-def test_newer_prompt_job_supersedes_older_one():
-    import threading
-
-    from domain_sae.dashboard.jobs import JobRunner
-    runner = JobRunner(threading.Lock())
-    seen = []
-
-    def slow(progress):
-        for i in range(40):
-            time.sleep(0.01)
-            progress(i + 1, 40)
-            seen.append(i)
-        return "ok"
-    a = runner.submit(40, slow)
-    time.sleep(0.05)
-    b = runner.submit(40, slow)
-    for _ in range(300):
-        if runner.get(b)["status"] == "done":
-            break
-        time.sleep(0.01)
-    assert runner.get(a)["status"] == "cancelled" and runner.get(a)["done"] < 40
-    assert runner.get(b) == {**runner.get(b), "status": "done", "done": 40, "total": 40, "result": "ok"}
-    assert runner.get("nope") is None

@@ -1,6 +1,7 @@
 """Prompt-page metrics against independent computations on the tiny Llama: activation, quantile (np.interp in
-the percentile table), direct logit effect (final RMSNorm input read by a separate hook) and the ablation loss
-change (a manual single-latent ablation with forward_with_patch)."""
+the percentile table), direct logit effect (final RMSNorm input read by a separate hook), the ablation loss
+change (a manual single-latent ablation with forward_with_patch, one batch per step) and the live test of one
+latent; prompt validation (types, limits, chat roles) without a tokenizer."""
 
 from __future__ import annotations
 
@@ -13,8 +14,11 @@ from feature_helpers import HOOK, make_sae
 from domain_sae.features.prompt import (
     MAX_PROMPT_CHARS,
     PromptError,
+    ablation_batches,
     ablation_effects,
     analyse_prompt,
+    check_prompt_input,
+    latent_trace,
     quantiles,
     rank_ablation,
     tokenize_prompt,
@@ -110,3 +114,51 @@ def test_prompt_validation(tiny_lm):
     ids, segs = tokenize_prompt(tok, messages=[{"role": "user", "content": "hello"},
                                                {"role": "assistant", "content": "hi!"}])
     assert "<|im_start|>" in tok.decode(ids) and 2 in segs and 3 in segs
+    for messages, msg in [([{"role": "<script>", "content": "x"}], "the roles are user, assistant, system"),
+                          ([{"role": "user", "content": "  "}], "empty")]:
+        with pytest.raises(PromptError, match=msg):
+            tokenize_prompt(tok, messages=messages)
+        with pytest.raises(PromptError, match=msg):
+            check_prompt_input(None, messages)   # the same check, without a tokenizer
+
+
+@torch.no_grad()
+def test_live_trace_is_the_prompt_pages_activation(tiny_lm):
+    """latent_trace: the SAE's own activation of one latent on every token (independently: sae.encode of the hook
+    activation of a full forward), its quantile by np.interp in the latent's table where active, and the same
+    values the prompt page lists for that latent."""
+    sae = make_sae(3)
+    table = _table(sae.d_sae)
+    ids, segs = tokenize_prompt(tiny_lm.tokenizer, "Hello there! def f(x): return x  # naïve")
+    res, _ = analyse_prompt(tiny_lm, sae, HOOK, ids, segs, table, top_n=sae.d_sae)
+    seen = {}
+    forward_with_patch(tiny_lm.model, resolve_hook(tiny_lm.model, HOOK), torch.tensor([ids]),
+                       lambda a: seen.setdefault("a", a.clone()))
+    f = sae.encode(seen["a"][0])
+    firing = torch.nonzero(f.max(0).values > 0).flatten().tolist()
+    assert firing
+    for latent in firing[:4] + [3]:
+        tr = latent_trace(tiny_lm, sae, HOOK, ids, segs, latent, table)
+        assert [t["text"] for t in tr["tokens"]] == [t["text"] for t in res["tokens"]]
+        for t, tok in enumerate(tr["tokens"]):
+            assert tok["activation"] == pytest.approx(float(f[t, latent]), rel=1e-5, abs=1e-6)
+            listed = {e["latent"]: e["value"] for e in res["tokens"][t]["activation"]}
+            if f[t, latent] > 0:
+                assert tok["activation"] == pytest.approx(listed[latent], rel=1e-6)
+                want = None if latent == 3 else np.interp(float(f[t, latent]), table[latent], np.linspace(0, 1, 101))
+                assert tok["quantile"] == (None if want is None else pytest.approx(want, abs=1e-5))
+            else:
+                assert latent not in listed and tok["quantile"] is None
+
+
+@torch.no_grad()
+def test_ablation_runs_one_batch_per_step(tiny_lm):
+    sae = make_sae(3)
+    ids, segs = tokenize_prompt(tiny_lm.tokenizer, "def f(x):\n    return x + 1")
+    _, state = analyse_prompt(tiny_lm, sae, HOOK, ids, segs, _table(sae.d_sae), max_candidates=10)
+    out = {}
+    steps = ablation_batches(tiny_lm, sae, HOOK, state, out, batch_size=4)
+    assert next(steps) == (4, 10) and len(out) == 4
+    assert list(steps) == [(8, 10), (10, 10)] and sorted(out) == state.candidates
+    full = ablation_effects(tiny_lm, sae, HOOK, state, batch_size=3)
+    assert all(torch.allclose(out[k], full[k], atol=1e-6) for k in full)

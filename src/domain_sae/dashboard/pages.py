@@ -1,6 +1,7 @@
 """HTML shells of the four pages. They hold no data from the store except through :func:`embed_json` (JSON in a
 non-executed ``<script type="application/json">`` block with ``<``, ``>`` and ``&`` escaped as ``\\u003c`` etc.,
-so no text can close the block); the front end renders every string with ``textContent``, never as HTML."""
+so no text can close the block); the front end renders every string with ``textContent``, never as HTML. The
+icon is an empty data URL, so no page asks the server for a file it does not have."""
 
 from __future__ import annotations
 
@@ -11,7 +12,8 @@ from importlib import resources
 from typing import Any
 
 PAGES = {"list": "Features", "feature": "Feature", "prompt": "Prompt", "compare": "Compare"}
-ASSETS = ("app.js", "style.css")
+ASSETS = ("app.js", "panels.js", "style.css")
+ICON = '<link rel="icon" href="data:,">'
 CSP = ("default-src 'self'; script-src 'self'; style-src 'self'; img-src 'self' data:; connect-src 'self'; "
        "object-src 'none'; base-uri 'none'; frame-ancestors 'none'")
 
@@ -53,11 +55,12 @@ def render_page(page: str, *, root: str = "/", mode: str = "server", params: dic
     name = html.escape(f"{PAGES.get(page, page)}{' · ' + title if title else ''} — domain-sae")
     return (f'<!doctype html>\n<html lang="en"><head><meta charset="utf-8">\n'
             f'<meta http-equiv="Content-Security-Policy" content="{CSP}">\n'
-            f'<meta name="viewport" content="width=device-width, initial-scale=1">\n<title>{name}</title>\n'
+            f'<meta name="viewport" content="width=device-width, initial-scale=1">\n<title>{name}</title>\n{ICON}\n'
             f'<link rel="stylesheet" href="{root}assets/style.css"></head>\n<body {attr_s}>\n'
             f'<nav class="top"><span class="brand">domain-sae features</span> {nav}</nav>\n'
             f'<main id="app"><p class="muted">Loading…</p></main>\n{blob}'
-            f'<script src="{root}assets/app.js"></script>\n</body></html>\n')
+            f'<script src="{root}assets/app.js"></script>\n<script src="{root}assets/panels.js"></script>\n'
+            f'</body></html>\n')
 
 
 def _nav(root: str, mode: str) -> list[tuple[str, str]]:
@@ -67,6 +70,6 @@ def _nav(root: str, mode: str) -> list[tuple[str, str]]:
 
 
 def error_page(message: str) -> str:
-    return (f'<!doctype html>\n<html lang="en"><head><meta charset="utf-8"><title>Not found</title>'
+    return (f'<!doctype html>\n<html lang="en"><head><meta charset="utf-8"><title>Not found</title>{ICON}'
             f'<link rel="stylesheet" href="/assets/style.css"></head><body><nav class="top"><a href="/">Features</a>'
             f'</nav><main><h1>Not found</h1><p class="error">{html.escape(message)}</p></main></body></html>\n')

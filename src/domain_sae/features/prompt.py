@@ -12,11 +12,15 @@ For token t (predicting token t+1), latent i with activation f_i(t):
    error term stays, so only that latent changes). One full forward per latent, batched; computed for the
    candidate latents: the union over tokens of each token's top latents by metrics 1-3, at most
    ``max_candidates`` of them (those with the best rank in any token's lists first, ties by activation).
+
+The live test of one latent (:func:`latent_trace`) gives metrics 1 and 2 of that latent on every token. Request
+fields are checked by :func:`check_prompt_input` without a tokenizer, so a bad request is refused before any model
+is loaded; chat roles are those of :data:`ROLES`.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -27,21 +31,23 @@ import torch.nn.functional as F
 from ..data.formatting import tokenize_document
 from ..data.sources import DataError, Document
 from ..errors import UserError
-from ..models.hooks import forward_with_patch, resolve_hook
+from ..models.hooks import capture, forward_with_patch, resolve_hook
 from .detok import token_texts
 from .logit_effects import find_unembedding
 
 MAX_PROMPT_CHARS = 4000
 MAX_PROMPT_TOKENS = 256
+ROLES = ("user", "assistant", "system")
 
 
 class PromptError(UserError):
     """A prompt that cannot be analysed (empty, too long, wrong type)."""
 
 
-def tokenize_prompt(tokenizer, text: Any = None, messages: Any = None, *, prepend_bos: bool = True
-                    ) -> tuple[list[int], list[int]]:
-    """Token ids and segment codes of a plain prompt or a chat exchange (rendered with the chat template)."""
+def check_prompt_input(text: Any = None, messages: Any = None) -> None:
+    """Refuse a prompt that cannot be analysed, without a tokenizer: exactly one of ``text`` (a non-empty string of
+    at most :data:`MAX_PROMPT_CHARS` characters) or ``messages`` (a non-empty list of ``{"role", "content"}`` with
+    string contents, roles from :data:`ROLES`, at most :data:`MAX_PROMPT_CHARS` characters in all)."""
     if (text is None) == (messages is None):
         raise PromptError("Give exactly one of 'text' (a string) or 'messages' (a list of {role, content}).")
     if text is not None:
@@ -51,15 +57,31 @@ def tokenize_prompt(tokenizer, text: Any = None, messages: Any = None, *, prepen
             raise PromptError("The prompt is empty; type some text.")
         if len(text) > MAX_PROMPT_CHARS:
             raise PromptError(f"The prompt has {len(text)} characters; the limit is {MAX_PROMPT_CHARS}.")
-        doc = Document(text=text)
-    else:
-        if not isinstance(messages, list) or not messages or not all(
-                isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str)
-                for m in messages):
-            raise PromptError("'messages' must be a non-empty list of {\"role\": str, \"content\": str}.")
-        if sum(len(m["content"]) for m in messages) > MAX_PROMPT_CHARS:
-            raise PromptError(f"The messages hold more than {MAX_PROMPT_CHARS} characters.")
-        doc = Document(messages=[{"role": m["role"], "content": m["content"]} for m in messages])
+        return
+    if not isinstance(messages, list) or not messages or not all(
+            isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str)
+            for m in messages):
+        raise PromptError("'messages' must be a non-empty list of {\"role\": str, \"content\": str}.")
+    for k, m in enumerate(messages):
+        if m["role"] not in ROLES:
+            raise PromptError(f"Message {k + 1} has role {m['role'][:40]!r}; the roles are {', '.join(ROLES)}.")
+        extra = set(m) - {"role", "content"}
+        if extra:
+            raise PromptError(f"Message {k + 1} has field(s) {', '.join(sorted(map(str, extra)))[:80]}; a message "
+                              f"holds only role and content.")
+    if sum(len(m["content"]) for m in messages) > MAX_PROMPT_CHARS:
+        raise PromptError(f"The messages hold more than {MAX_PROMPT_CHARS} characters.")
+    if not any(m["content"].strip() for m in messages):
+        raise PromptError("Every message is empty; type some text.")
+
+
+def tokenize_prompt(tokenizer, text: Any = None, messages: Any = None, *, prepend_bos: bool = True
+                    ) -> tuple[list[int], list[int]]:
+    """Token ids and segment codes of a plain prompt or a chat exchange (rendered with the chat template), checked
+    by :func:`check_prompt_input` and limited to :data:`MAX_PROMPT_TOKENS` tokens."""
+    check_prompt_input(text, messages)
+    doc = Document(text=text) if text is not None else \
+        Document(messages=[{"role": m["role"], "content": m["content"]} for m in messages])
     try:
         ids, segs = tokenize_document(doc, tokenizer, prepend_bos)
     except DataError as e:
@@ -84,6 +106,28 @@ def quantiles(values: torch.Tensor, latents: torch.Tensor, table: np.ndarray) ->
     q = torch.where(values >= t[:, -1], torch.ones_like(q), q)
     q = torch.where(values <= t[:, 0], torch.zeros_like(q), q)
     return torch.where(torch.isnan(t[:, 0]), torch.full_like(q, float("nan")), q)
+
+
+def sae_codes(sae: Any, a: torch.Tensor) -> torch.Tensor:
+    """The SAE's own latent activations f = sae.encode(a) of hook activations ``a`` [T, d_in], float32 on the CPU
+    (TopK keeps its k, JumpReLU gates by its threshold): what every metric of this module reads."""
+    return sae.encode(a.to(sae.dtype)).float().cpu()
+
+
+@torch.no_grad()
+def latent_trace(lm: Any, sae: Any, hook: str, ids: list[int], segs: list[int], latent: int,
+                 table: np.ndarray) -> dict:
+    """The live test of one latent: on every token t its activation f_latent(t) (:func:`sae_codes` of the hook
+    activation, the forward stopped at the hook) and, where active, its quantile within the latent's stored
+    active values (:func:`quantiles`; None where f = 0 or the latent never fired in the store)."""
+    a = capture(lm.model, resolve_hook(lm.model, hook), torch.tensor([ids], device=lm.device))[0]
+    f = sae_codes(sae, a)[:, int(latent)]
+    q = quantiles(f, torch.full_like(f, int(latent), dtype=torch.long), table)
+    texts = token_texts(lm.tokenizer, ids)
+    return {"latent": int(latent), "n_tokens": len(ids),
+            "tokens": [{"i": t, "id": int(ids[t]), "text": texts[t], "segment": int(segs[t]),
+                        "activation": float(f[t]), "quantile": float(q[t]) if f[t] > 0 and not torch.isnan(q[t])
+                        else None} for t in range(len(ids))]}
 
 
 @dataclass
@@ -123,8 +167,7 @@ def analyse_prompt(lm: Any, sae: Any, hook: str, ids: list[int], segs: list[int]
     finally:
         for h in handles:
             h.remove()
-    a = grabbed["a"][0].to(sae.dtype)
-    f = sae.encode(a).float().cpu()                                     # [T, d]
+    f = sae_codes(sae, grabbed["a"][0])                                  # [T, d]
     ce = _next_token_ce(logits, x)[0].cpu()
     T = len(ids)
     dla = torch.zeros(T, sae.d_sae)
@@ -168,14 +211,14 @@ def analyse_prompt(lm: Any, sae: Any, hook: str, ids: list[int], segs: list[int]
 
 
 @torch.no_grad()
-def ablation_effects(lm: Any, sae: Any, hook: str, state: PromptState, *, batch_size: int = 16,
-                     progress: Callable[[int, int], None] | None = None) -> dict[int, torch.Tensor]:
-    """``{latent: delta [T-1]}`` with delta_t = CE_t(a - f_i d_i) - CE_t(a) for every candidate latent; one batched
-    forward per ``batch_size`` latents; ``progress(done, total)`` after each."""
+def ablation_batches(lm: Any, sae: Any, hook: str, state: PromptState, out: dict[int, torch.Tensor], *,
+                     batch_size: int = 16) -> Iterator[tuple[int, int]]:
+    """The ablation one batch at a time: each step runs one batched forward of ``batch_size`` candidate latents,
+    puts ``{latent: delta [T-1]}`` with delta_t = CE_t(a - f_i d_i) - CE_t(a) into ``out`` and yields
+    ``(done, total)``, so a caller can stop between batches."""
     model = lm.model
     hp = resolve_hook(model, hook)
     W = sae.W_dec.detach()
-    out: dict[int, torch.Tensor] = {}
     cands = list(state.candidates)
     for s in range(0, len(cands), batch_size):
         lat = torch.tensor(cands[s:s + batch_size])
@@ -188,8 +231,17 @@ def ablation_effects(lm: Any, sae: Any, hook: str, state: PromptState, *, batch_
         ce = _next_token_ce(logits, ids).cpu()
         for b, latent in enumerate(lat.tolist()):
             out[latent] = ce[b] - state.ce
+        yield min(s + batch_size, len(cands)), len(cands)
+
+
+def ablation_effects(lm: Any, sae: Any, hook: str, state: PromptState, *, batch_size: int = 16,
+                     progress: Callable[[int, int], None] | None = None) -> dict[int, torch.Tensor]:
+    """``{latent: delta [T-1]}`` for every candidate latent (:func:`ablation_batches` run to the end);
+    ``progress(done, total)`` after each batch."""
+    out: dict[int, torch.Tensor] = {}
+    for done, total in ablation_batches(lm, sae, hook, state, out, batch_size=batch_size):
         if progress:
-            progress(min(s + batch_size, len(cands)), len(cands))
+            progress(done, total)
     return out
 
 

@@ -1,5 +1,7 @@
 /* domain-sae feature dashboard front end (vanilla JS, no dependencies, works offline).
-   Every string from the store or a prompt is inserted with textContent / createTextNode, never as HTML. */
+   Every string from the store or a prompt is inserted with textContent / createTextNode, never as HTML.
+   The shared helpers are window.dsae; panels.js (loaded after this file) adds the steering and live-test panels
+   to it, and the page is drawn once both are loaded (DOMContentLoaded). */
 "use strict";
 (function () {
   const B = document.body, MODE = B.dataset.mode, ROOT = B.dataset.root || "/", PAGE = B.dataset.page;
@@ -101,6 +103,25 @@
     box.appendChild(bars);
     box.appendChild(el("div", { class: "hist-axis" }, el("span", { text: "10^" + edges[lo].toFixed(1) }), el("span", { text: "10^" + edges[hi + 1].toFixed(1) })));
     return box;
+  }
+  /* Chat lines "user: …" / "assistant: …" / "system: …" to messages (a line without a role is the user's). */
+  function parseChat(text) {
+    return text.split("\n").filter(l => l.trim()).map(l => { const m = l.match(/^(system|user|assistant)\s*:\s?(.*)$/i); return m ? { role: m[1].toLowerCase(), content: m[2] } : { role: "user", content: l }; });
+  }
+  function promptBody(kind, text) { return kind === "chat" ? { messages: parseChat(text) } : { text: text }; }
+  function kindSelect(id) { return el("select", { id: id }, el("option", { value: "text", text: "plain text" }), el("option", { value: "chat", text: "chat (lines 'user: …' / 'assistant: …')" })); }
+  /* Poll a job until it ends; onTick(job) after every answer. Resolves with the finished job. */
+  function pollJob(id, onTick, every) {
+    return new Promise((resolve, reject) => {
+      const tick = async () => {
+        let j;
+        try { j = await api("job/" + id); } catch (e) { reject(e); return; }
+        if (onTick) onTick(j);
+        if (j.status === "done" || j.status === "error" || j.status === "cancelled") { resolve(j); return; }
+        setTimeout(tick, every || 250);
+      };
+      tick();
+    });
   }
   function table(head, rows, attrs) {
     const t = el("table", attrs || {});
@@ -207,6 +228,8 @@
       q.examples.forEach(ex => qbox.appendChild(exampleRow(ex, maxAct)));
     });
     app.appendChild(qbox);
+    if (MODE === "export") app.appendChild(el("p", { class: "muted", id: "panels-note", text: "Steering and the live test need the server: dsae dashboard STORE." }));
+    else window.dsae.panels.feature(app, f);
   }
 
   /* ---------------------------------------------------------------- prompt */
@@ -216,29 +239,28 @@
     app.appendChild(el("h1", { text: "Prompt" }));
     const saeSel = el("select", { id: "sae-select" }, ...store.saes.map(s => el("option", { value: s.label, text: s.label + " (" + s.hook + ")" })));
     if (B.dataset.sae) saeSel.value = B.dataset.sae;
-    const kind = el("select", { id: "prompt-kind" }, el("option", { value: "text", text: "plain text" }), el("option", { value: "chat", text: "chat (lines 'user: …' / 'assistant: …')" }));
+    const kind = kindSelect("prompt-kind");
     const ta = el("textarea", { id: "prompt-text", placeholder: "Type a prompt…", spellcheck: "false" });
     const go = el("button", { id: "prompt-go", text: "Analyse" });
     app.appendChild(el("div", { class: "controls" }, saeSel, kind, go));
     app.appendChild(ta);
     const out = el("div", { id: "prompt-out" });
     app.appendChild(out);
-    let poll = null;
+    const steer = window.dsae.panels.steer({ sae: () => saeSel.value, body: () => promptBody(kind.value, ta.value), latentInput: true });
+    let shown = 0;
     go.addEventListener("click", async () => {
-      out.textContent = ""; if (poll) clearTimeout(poll);
-      const body = { sae: saeSel.value };
-      if (kind.value === "chat") {
-        body.messages = ta.value.split("\n").filter(l => l.trim()).map(l => { const m = l.match(/^(system|user|assistant)\s*:\s?(.*)$/i); return m ? { role: m[1].toLowerCase(), content: m[2] } : { role: "user", content: l }; });
-      } else body.text = ta.value;
+      out.textContent = ""; const mine = ++shown;
+      const body = Object.assign({ sae: saeSel.value }, promptBody(kind.value, ta.value));
       go.disabled = true;
       let res;
       try { res = await api("prompt", { method: "POST", headers: { "Content-Type": "application/json" }, body: JSON.stringify(body) }); }
-      catch (e) { showError(out, e); go.disabled = false; return; }
+      catch (e) { if (mine === shown) showError(out, e); go.disabled = false; return; }
       go.disabled = false;
-      renderPrompt(out, res, (p) => { poll = p; });
+      if (mine === shown) renderPrompt(out, res, () => mine === shown, steer.setLatent);
     });
+    app.appendChild(steer.box);
   }
-  function renderPrompt(out, res, setPoll) {
+  function renderPrompt(out, res, current, steerLatent) {
     const toks = res.tokens;
     const acts = toks.map(t => t.activation.length ? t.activation[0].value : 0);
     const maxAct = Math.max(0, ...acts);
@@ -258,7 +280,8 @@
     };
     const col = (id, title, entries, digits, note) => el("div", { class: "card", id: id }, el("h3", { text: title }),
       entries === null ? el("p", { class: "muted", text: note || "computing…" }) :
-        entries.length ? el("ol", {}, ...entries.map(e => el("li", {}, featureLink(res.sae, null, e.latent), " ", num(e.value, digits)))) : el("p", { class: "muted", text: "none" }));
+        entries.length ? el("ol", {}, ...entries.map(e => el("li", {}, featureLink(res.sae, null, e.latent), " ", num(e.value, digits), " ",
+          el("button", { class: "mini steer-pick", "data-latent": e.latent, title: "steer with this latent", text: "steer", onclick: () => steerLatent(e.latent) })))) : el("p", { class: "muted", text: "none" }));
     const drawDetail = () => {
       const t = toks[selected];
       detail.textContent = "";
@@ -271,26 +294,28 @@
         col("col-ablation", "Loss change on the next token when ablated (nats)", t.ablation, 4, t.next_ce === null ? "last token: no next token" : "computing…")));
     };
     draw();
-    const tick = async () => {
-      let j;
-      try { j = await api("prompt/" + res.job); } catch (e) { progText.textContent = "ablation failed: " + e.message; return; }
+    pollJob(res.job, (j) => {
+      if (!current()) return;
       document.getElementById("ablation-bar").style.width = (j.total ? 100 * j.done / j.total : 100).toFixed(0) + "%";
       progText.textContent = "ablation: " + j.status + " (" + j.done + "/" + j.total + " latents)";
-      if (j.status === "done") { j.ablation.forEach((a, i) => { toks[i].ablation = a; }); drawDetail(); return; }
-      if (j.status === "error") { progText.textContent = "ablation failed: " + j.error; return; }
-      if (j.status === "cancelled") { progText.textContent = "ablation: cancelled (a newer prompt replaced it)"; return; }
-      setPoll(setTimeout(tick, 400));
-    };
-    tick();
+      if (j.status === "done") { j.result.forEach((a, i) => { toks[i].ablation = a; }); drawDetail(); }
+      if (j.status === "error") progText.textContent = "ablation failed: " + j.error;
+      if (j.status === "cancelled") progText.textContent = "ablation: cancelled (a newer prompt replaced it)";
+    }, 400).catch(e => { if (current()) progText.textContent = "ablation failed: " + e.message; });
   }
 
   /* ---------------------------------------------------------------- comparison */
   async function pageCompare() {
     let c;
     const params = { a: B.dataset.a || "", b: B.dataset.b || "", page: 0 };
+    const none = () => { app.textContent = ""; app.appendChild(el("h1", { id: "compare-title", text: "Compare" }));
+      app.appendChild(el("p", { class: "muted", id: "no-comparison", text: "This store holds no pair of SAEs on the same hook, so there is nothing to compare." })); };
     const load = async () => {
-      try { c = EMBED ? EMBED.compare : await api("compare?" + new URLSearchParams(params)); }
-      catch (e) { app.textContent = ""; showError(app, e); return; }
+      try {
+        if (!EMBED && !(await api("store")).comparisons.length) { none(); return; }
+        c = EMBED ? EMBED.compare : await api("compare?" + new URLSearchParams(params));
+      } catch (e) { app.textContent = ""; showError(app, e); return; }
+      if (!c) { none(); return; }
       draw();
     };
     const draw = () => {
@@ -328,6 +353,9 @@
     load();
   }
 
+  window.dsae = { MODE, ROOT, el, fmt, num, api, showError, featureLink, renderTokens, visibleText, promptBody, kindSelect, pollJob, panels: null };
   const pages = { list: pageList, feature: pageFeature, prompt: pagePrompt, compare: pageCompare };
-  (pages[PAGE] || pageList)().catch(e => { app.textContent = ""; showError(app, e); });
+  document.addEventListener("DOMContentLoaded", () => {
+    (pages[PAGE] || pageList)().catch(e => { app.textContent = ""; showError(app, e); });
+  });
 })();
