@@ -26,6 +26,7 @@ sys.path.insert(0, str(ROOT / "src"))
 
 from domain_sae.dashboard.app import create_app  # noqa: E402
 from domain_sae.dashboard.serve import BackgroundServer  # noqa: E402
+from domain_sae.evaluation import HeldoutData, SAESet  # noqa: E402
 from domain_sae.features.build import build_feature_store  # noqa: E402
 from domain_sae.models.hooks import capture, resolve_hook  # noqa: E402
 from domain_sae.models.load import load_model  # noqa: E402
@@ -139,7 +140,8 @@ def main(argv=None) -> dict:
     with tempfile.TemporaryDirectory() as tmp:
         store = Path(tmp) / "features.sqlite"
         t = time.perf_counter()
-        build_feature_store(a.sae or [Path(tmp) / "random_sae"], datasets, a.tokens, store, lm=lm, saes=saes)
+        build_feature_store(SAESet.of(saes, a.sae or [Path(tmp) / "random_sae"]), HeldoutData.live(datasets), store,
+                            n_tokens=a.tokens, lm=lm)
         build_s = time.perf_counter() - t
         size = store.stat().st_size
         prov = json.loads(__import__("sqlite3").connect(store).execute(

@@ -26,7 +26,7 @@ TEXTS_B = [
 def make_sae(seed: int, d_in: int = 32, d_sae: int = 48, enc_std: float = 100.0, bias: float = -0.3,
              metadata: dict | None = None) -> StandardSAE:
     """A random SAE whose latents fire on roughly a quarter of the tiny model's tokens."""
-    meta = {"hook_name": HOOK, "model_name": "tiny", "context_size": 32}
+    meta = {"hook_name": HOOK, "model_name": "tiny-llama", "context_size": 32}  # the tiny in-process Llama
     meta.update(metadata or {})
     s = StandardSAE(SAEModelConfig(architecture="standard", d_in=d_in, d_sae=d_sae, dtype="float32",
                                    apply_b_dec_to_input=False, normalize_activations="none", metadata=meta))

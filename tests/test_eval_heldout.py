@@ -16,8 +16,8 @@ import torch
 from domain_sae import cli
 from domain_sae.config import EvalConfig, TrainConfig
 from domain_sae.data.token_stream import heldout_batch
-from domain_sae.evaluation import EvalError, eval_matrix, resolve_eval_config
-from domain_sae.evaluation import runner
+from domain_sae.evaluation import EvalError, HeldoutData, SAESet, eval_matrix, resolve_eval_config
+from domain_sae.evaluation import matrix
 from domain_sae.runs.single import new_sae
 
 HOOK = "blocks.0.hook_resid_post"
@@ -84,7 +84,7 @@ def test_only_documents_held_out_for_every_sae_are_evaluated(tmp_path, tiny_lm):
     texts, spec = _corpus(tmp_path)
     dirs = [_save(tmp_path / "wide", 1, 0.4), _save(tmp_path / "narrow", 2, 0.15)]
     cfg = EvalConfig(eval_tokens=96, heldout_tokens_per_document=8, n_bootstrap=10)
-    out = eval_matrix(dirs, [spec], cfg, lm=tiny_lm, out_dir=tmp_path / "eval")
+    out = eval_matrix(SAESet.load(dirs), HeldoutData.live([spec]), cfg, lm=tiny_lm, out_dir=tmp_path / "eval")
     assert out["heldout"]["holdout_fraction"] == 0.15 and out["config"]["context_size"] == 16
     resolved = EvalConfig(**{k: out["config"][k] for k in out["config"]})
     sample = heldout_batch(dataclasses.replace(resolved, data=spec), tiny_lm.tokenizer, resolved.eval_tokens)
@@ -100,12 +100,13 @@ def test_only_documents_held_out_for_every_sae_are_evaluated(tmp_path, tiny_lm):
 def test_cli_and_python_caller_agree(tmp_path, tiny_lm, monkeypatch):
     _, spec = _corpus(tmp_path)
     dirs = [_save(tmp_path / "a", 1, 0.3), _save(tmp_path / "b", 2, 0.2)]
-    monkeypatch.setattr(runner, "_load_lm", lambda cfg: tiny_lm)
+    monkeypatch.setattr(matrix, "_load_lm", lambda cfg: tiny_lm)
     code = cli.main(["eval", *dirs, "--data", spec, "--tokens", "64", "--n-bootstrap", "10",
                      "--heldout-tokens-per-document", "8", "--out", str(tmp_path / "cli")])
     assert code == 0
-    py = eval_matrix(dirs, [spec], EvalConfig(eval_tokens=64, n_bootstrap=10, heldout_tokens_per_document=8),
-                     lm=tiny_lm, out_dir=tmp_path / "py")
+    py = eval_matrix(SAESet.load(dirs), HeldoutData.live([spec]),
+                     EvalConfig(eval_tokens=64, n_bootstrap=10, heldout_tokens_per_document=8), lm=tiny_lm,
+                     out_dir=tmp_path / "py")
     from_cli = json.loads((tmp_path / "cli" / "eval.json").read_text())
     assert from_cli["config"] == py["config"] and from_cli["heldout"] == py["heldout"]
     assert from_cli["results"] == py["results"]

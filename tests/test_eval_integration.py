@@ -13,7 +13,8 @@ import torch
 
 from domain_sae.config import DataConfig, EvalConfig, TrainConfig
 from domain_sae.data.token_stream import heldout_batch
-from domain_sae.evaluation import EvalCompatibilityError, eval_matrix, evaluate_sae, resolve_eval_config
+from domain_sae.evaluation import (EvalCompatibilityError, HeldoutData, SAESet, eval_matrix, evaluate_sae,
+                                   resolve_eval_config)
 from domain_sae.runs.single import new_sae
 from domain_sae.sae.io import load_sae
 
@@ -41,7 +42,8 @@ def _cfg():
 
 def test_eval_matrix_on_saved_saes_and_builtin_heldout(tiny_lm, tmp_path):
     dirs = [_save_sae(tmp_path / "chat_sae", 1), _save_sae(tmp_path / "code_sae", 2, data="code")]
-    out = eval_matrix(dirs, ["chat", "code"], _cfg(), lm=tiny_lm, out_dir=tmp_path / "eval")
+    out = eval_matrix(SAESet.load(dirs), HeldoutData.live(["chat", "code"]), _cfg(), lm=tiny_lm,
+                      out_dir=tmp_path / "eval")
     assert json.loads((tmp_path / "eval" / "eval.json").read_text()) == out  # byte-identical reruns: runner tests
     assert len(out["results"]) == 4
 
@@ -70,7 +72,7 @@ def test_eval_matrix_on_saved_saes_and_builtin_heldout(tiny_lm, tmp_path):
 def test_sae_of_another_model_is_refused(tiny_lm, tmp_path):
     d = _save_sae(tmp_path / "gpt2_sae", 1, model_name="gpt2")
     with pytest.raises(EvalCompatibilityError, match="gpt2"):
-        eval_matrix([d], ["code"], _cfg(), lm=tiny_lm, out_dir=tmp_path / "eval")
+        eval_matrix(SAESet.load([d]), HeldoutData.live(["code"]), _cfg(), lm=tiny_lm, out_dir=tmp_path / "eval")
 
 
 @pytest.mark.slow

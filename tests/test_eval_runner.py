@@ -1,5 +1,5 @@
-"""eval_matrix: SAE × dataset evaluation written to eval.json / eval.md / PNGs, grouping by hook, compatibility
-checks and byte-identical reruns. The numbers themselves are checked against independent computations in
+"""eval_matrix: SAE × dataset evaluation written to eval.json / eval.md / PNGs, grouping by hook, the one
+compatibility check and byte-identical reruns. The numbers themselves are checked against independent computations in
 test_eval_lm.py; here they must equal evaluate_sae on the same tokens (one code path)."""
 
 from __future__ import annotations
@@ -12,7 +12,8 @@ import torch
 
 from conftest import make_tiny_model
 from domain_sae.config import EvalConfig
-from domain_sae.evaluation import EvalCompatibilityError, eval_matrix, evaluate_sae, same_model_name
+from domain_sae.evaluation import EvalCompatibilityError, HeldoutData, SAESet, eval_matrix, evaluate_sae
+from domain_sae.models.names import same_model_name
 from test_eval_lm import D, VOCAB, identity_sae, random_sae
 
 HOOK0, HOOK1 = "blocks.0.hook_resid_post", "blocks.1.hook_resid_post"
@@ -52,8 +53,9 @@ def _cfg(**kw):
 
 
 def _run(lm, heldout, out_dir, saes, hook=None, **kw):
-    return eval_matrix([f"runs/{name}/sae" for name in saes], ["chat", "code"], _cfg(**kw), lm=lm,
-                       out_dir=out_dir, heldout=heldout, saes=list(saes.values()), hook=hook)
+    return eval_matrix(SAESet.of(list(saes.values()), [f"runs/{name}/sae" for name in saes]),
+                       HeldoutData.live(["chat", "code"], given=heldout), _cfg(hook=hook, **kw), lm=lm,
+                       out_dir=out_dir)
 
 
 def test_matrix_files_values_and_determinism(lm, heldout, tmp_path):
@@ -67,23 +69,23 @@ def test_matrix_files_values_and_determinism(lm, heldout, tmp_path):
     data = json.loads((tmp_path / "one" / "eval.json").read_text())
     assert data == summary
     assert [(r["sae"], r["dataset"]) for r in data["results"]] == [
-        (s, d) for s in ["a/sae", "b/sae", "c/sae"] for d in ["chat", "code"]]
+        (s, d) for s in ["a", "b", "c"] for d in ["chat", "code"]]  # a run's SAE is named after its run
     assert data["hooks"] == [HOOK0, HOOK1]
     assert data["model"]["name"] == "tiny-llama"
     assert set(data["versions"]) >= {"torch", "transformers", "domain-sae"}
-    assert data["seeds"]["sae_training_seeds"]["a/sae"] == 7
+    assert data["seeds"]["sae_training_seeds"]["a"] == 7
     assert data["config"]["eval_tokens"] == 16384 and data["mean_ablation"] is True
     assert data["datasets"]["code"]["tokens"]["tokens/pad"] == 2
 
     # same numbers as evaluate_sae on the same tokens (the trainer's code path), at each SAE's own hook
     for row in data["results"]:
-        sae = saes[row["sae"].split("/")[0]]
+        sae = saes[row["sae"]]
         ids, segs = heldout[row["dataset"]]
         ref = evaluate_sae(sae, lm, row["hook"], ids, segs, batch_size=2, mean_ablation=True)
         for key in ["metrics/ce_loss_score", "metrics/kl_div_with_sae", "metrics/explained_variance",
                     "metrics/l0", "metrics/ce_loss_with_mean_ablation", "tokens/lm_counted"]:
             assert row["metrics"][key] == pytest.approx(ref[key], rel=1e-12, nan_ok=True), key
-    b_chat = next(r for r in data["results"] if r["sae"] == "b/sae" and r["dataset"] == "chat")
+    b_chat = next(r for r in data["results"] if r["sae"] == "b" and r["dataset"] == "chat")
     assert b_chat["metrics"]["metrics/ce_loss_score"] == 1.0
     assert set(b_chat["segments"]) == {"user", "assistant", "template", "all_tokens"}
     hist = b_chat["log10_density_histogram"]
@@ -94,7 +96,7 @@ def test_matrix_files_values_and_determinism(lm, heldout, tmp_path):
         assert f"heatmap_{stem}.png" in files
     assert sum(f.startswith("density_") for f in files) == 2
     md = (tmp_path / "one" / "eval.md").read_text()
-    assert "| a/sae | chat |" in md and "Per segment: chat" in md and "template" in md
+    assert "| a | chat |" in md and "Per segment: chat" in md and "template" in md
     assert "Per segment: `code`" not in md  # one segment only: no breakdown table
     assert "Mean ablation" in md and "Mean-ablation baseline" in md
 
@@ -110,8 +112,9 @@ def test_incompatible_saes_are_refused(lm, heldout, tmp_path):
     with pytest.raises(EvalCompatibilityError, match="--hook"):
         _run(lm, heldout, tmp_path, {"x": _with_meta(random_sae(), HOOK0)}, hook=HOOK1)
     # allowed explicitly
-    out = eval_matrix(["x"], ["code"], _cfg(), lm=lm, out_dir=tmp_path / "ok", heldout=heldout,
-                      saes=[_with_meta(random_sae(), HOOK0, model_name="gpt2")], allow_model_mismatch=True)
+    out = eval_matrix(SAESet.of([_with_meta(random_sae(), HOOK0, model_name="gpt2")], ["x"]),
+                      HeldoutData.live(["code"], given=heldout), _cfg(), lm=lm, out_dir=tmp_path / "ok",
+                      allow_model_mismatch=True)
     assert len(out["results"]) == 1
 
 

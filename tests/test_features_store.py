@@ -13,6 +13,7 @@ from feature_helpers import HOOK, finetuned_copy, heldout_sets, make_sae
 from scipy.optimize import linear_sum_assignment
 
 from domain_sae.errors import UserError
+from domain_sae.evaluation import HeldoutData, SAESet
 from domain_sae.features import build as build_mod
 from domain_sae.features.build import build_feature_store
 from domain_sae.features.options import FeatureOptions
@@ -39,9 +40,9 @@ def built(module_lm, tmp_path_factory):
     parent = make_sae(1)
     child = finetuned_copy(parent, 2, str(tmp_path / "parent"))
     held = heldout_sets(tiny_lm.tokenizer)
-    out = build_feature_store([tmp_path / "parent", tmp_path / "child"], ["chat", "code"], 192,
-                              tmp_path / "f.sqlite", lm=tiny_lm, saes=[parent, child], heldout=held,
-                              options=FeatureOptions(**OPTS), write=None)
+    out = build_feature_store(SAESet.of([parent, child], [tmp_path / "parent", tmp_path / "child"]),
+                              HeldoutData.live(["chat", "code"], given=held), tmp_path / "f.sqlite", n_tokens=192,
+                              lm=tiny_lm, options=FeatureOptions(**OPTS), write=None)
     return out, [parent, child], held
 
 
@@ -257,11 +258,13 @@ def test_killed_build_leaves_no_store_and_existing_store_is_kept(tiny_lm, tmp_pa
         raise KeyboardInterrupt
     monkeypatch.setattr(build_mod, "finalize_sae", boom)
     with pytest.raises(KeyboardInterrupt):
-        build_feature_store([], ["chat"], 64, out, lm=tiny_lm, saes=[make_sae(1)], heldout=held, write=None)
+        build_feature_store(SAESet.of([make_sae(1)]), HeldoutData.live(["chat"], given=held), out, n_tokens=64,
+                            lm=tiny_lm, write=None)
     assert not out.exists() and not list(tmp_path.glob("f.sqlite.tmp-*"))
     out.write_bytes(b"old")
     with pytest.raises(UserError, match="already exists"):
-        build_feature_store([], ["chat"], 64, out, lm=tiny_lm, saes=[make_sae(1)], heldout=held, write=None)
+        build_feature_store(SAESet.of([make_sae(1)]), HeldoutData.live(["chat"], given=held), out, n_tokens=64,
+                            lm=tiny_lm, write=None)
     assert out.read_bytes() == b"old"
 
 
@@ -285,8 +288,8 @@ def test_memory_is_predicted_and_limited(tiny_lm, tmp_path):
     held = heldout_sets(tiny_lm.tokenizer)
     lines = []
     with pytest.raises(UserError, match="max-memory-gb"):
-        build_feature_store([], ["chat"], 64, tmp_path / "f.sqlite", lm=tiny_lm, saes=[make_sae(1)], heldout=held,
-                            options=FeatureOptions(max_memory_gb=1e-6), write=lines.append)
+        build_feature_store(SAESet.of([make_sae(1)]), HeldoutData.live(["chat"], given=held), tmp_path / "f.sqlite",
+                            n_tokens=64, lm=tiny_lm, options=FeatureOptions(max_memory_gb=1e-6), write=lines.append)
     assert "predicted peak memory" in lines[0]
     small = build_mod.predict_memory([1000], [32], 2, FeatureOptions(), model_bytes=0, context_size=32, d_model=32,
                                      vocab=100)
@@ -303,15 +306,17 @@ def test_window_activations_are_the_architectures_own(arch, module_lm, tmp_path)
     from domain_sae.sae.registry import get_sae_class
     extra = {"k": 4} if arch == "topk" else {"jumprelu_init_threshold": 1.0}
     sae = get_sae_class(arch)(SAEModelConfig(architecture=arch, d_in=32, d_sae=48, apply_b_dec_to_input=False,
-                                             metadata={"hook_name": HOOK, "model_name": "tiny", "context_size": 32},
+                                             metadata={"hook_name": HOOK, "model_name": "tiny-llama",
+                                                       "context_size": 32},
                                              **extra))
     g = torch.Generator().manual_seed(3)
     with torch.no_grad():
         sae.W_enc.copy_(torch.randn(32, 48, generator=g) * (3.0 if arch == "topk" else 100.0))
         sae.b_enc.fill_(0.1 if arch == "topk" else -0.3)
     held = heldout_sets(module_lm.tokenizer)
-    out = build_feature_store([tmp_path / arch], ["chat", "code"], 192, tmp_path / "f.sqlite", lm=module_lm,
-                              saes=[sae], heldout=held, options=FeatureOptions(**OPTS), write=None)
+    out = build_feature_store(SAESet.of([sae], [tmp_path / arch]), HeldoutData.live(["chat", "code"], given=held),
+                              tmp_path / "f.sqlite", n_tokens=192, lm=module_lm, options=FeatureOptions(**OPTS),
+                              write=None)
     st = FeatureStore(out)
     bf = brute(module_lm, sae, held)
     hp = resolve_hook(module_lm.model, HOOK)

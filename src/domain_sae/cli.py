@@ -199,13 +199,15 @@ def cmd_cache(ns) -> int:
 
 
 def cmd_features(ns) -> int:
+    from .evaluation import HeldoutData, SAESet
     from .features.build import build_feature_store
     from .features.options import FeatureOptions
     values = {f.name: getattr(ns, f.name) for f in dataclasses.fields(FeatureOptions)
               if getattr(ns, f.name, None) is not None}
-    datasets = ns.datasets or ([] if ns.caches else ["chat", "code"])
-    out = build_feature_store(ns.saes, datasets, ns.tokens, ns.out, model=ns.model, device=ns.device, hook=ns.hook,
-                              options=FeatureOptions(**values), overwrite=ns.overwrite, activations=ns.caches)
+    data = HeldoutData.choose(ns.datasets, ns.caches)
+    out = build_feature_store(SAESet.load(ns.saes), data, ns.out, n_tokens=ns.tokens,
+                              cfg=C.EvalConfig(model=ns.model, hook=ns.hook), device=ns.device,
+                              options=FeatureOptions(**values), overwrite=ns.overwrite)
     print(f"Feature store: {out}. View it with: dsae dashboard {out}")
     return 0
 
@@ -268,11 +270,11 @@ def cmd_finetune(ns) -> int:
 
 
 def cmd_eval(ns) -> int:
-    from .evaluation.runner import eval_matrix
+    from .evaluation import HeldoutData, SAESet, eval_matrix
     from .runs.single import check_sae_source
     values = C.load_config_file(ns.config) if ns.config else {}
     values.update(_overrides(ns, C.EvalConfig))
-    datasets = ns.datasets or values.pop("datasets", None) or ["chat", "code"]
+    file_datasets = values.pop("datasets", None)
     values.pop("data", None)
     out = Path(ns.out or "eval_out")
     check_output_dir(out, "eval", option="--out")  # before any SAE or model is loaded
@@ -282,16 +284,10 @@ def cmd_eval(ns) -> int:
     # evaluation API itself; an explicit --hook refuses SAEs trained at another hook.
     cfg = C.from_dict(C.EvalConfig, values, source=ns.config or "command line")
     C.check_finite_floats(cfg)
-    if ns.caches:
-        from .evaluation.cache_eval import eval_matrix_from_cache
-        if ns.datasets:
-            raise C.ConfigError("--data and --activations both choose the evaluation data; give one of them (a "
-                                "held-out cache is one dataset).")
-        eval_matrix_from_cache([Path(s) for s in ns.saes], ns.caches, cfg, out_dir=out)
-        print(f"Wrote {out / 'eval.json'}, {out / 'eval.md'} and heatmaps in {out} (reconstruction metrics only)")
-        return 0
-    eval_matrix([Path(s) for s in ns.saes], datasets, cfg, out_dir=out)
-    print(f"Wrote {out / 'eval.json'}, {out / 'eval.md'} and heatmaps in {out}")
+    data = HeldoutData.choose(ns.datasets or (None if ns.caches else file_datasets), ns.caches)
+    eval_matrix(SAESet.load(ns.saes), data, cfg, out_dir=out)
+    print(f"Wrote {out / 'eval.json'}, {out / 'eval.md'} and heatmaps in {out}"
+          + (" (reconstruction metrics only)" if data.from_cache else ""))
     return 0
 
 

@@ -36,23 +36,35 @@ The clean pass and the ablations are shared by all SAEs evaluated together (one 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Mapping, Optional
+from typing import Any, Hashable, Mapping, NamedTuple, Optional
 
 import torch
 from torch import Tensor
 
 from ..data.segments import PAD
-from ..models.hooks import capture
+from ..models.hooks import as_hook, capture, forward_with_capture, forward_with_patch
+from ..models.load import as_module
 from .metrics import MetricError, ReconstructionAccumulator
 from .next_token import CleanLogits
-from .patching import as_hook, clean_forward, patched_forward, reconstruct, replace_at, torch_module
+from .patching import reconstruct, replace_at
 from .positions import (ALL_TOKENS, OVERALL, groups, has_template, lm_positions, reconstruction_positions,
                         splice_positions, token_counts)
-from .uncertainty import (MAX_FIRE_TABLE, DocumentSums, bootstrap_weights, error_bars,
+from .uncertainty import (MAX_FIRE_TABLE, DocumentSums, SumKey, bootstrap_weights, error_bars,
                           reconstruction_from_totals, reconstruction_token_stats)
 
-__all__ = ["SAEResult", "evaluate_saes_on_tokens", "lm_from_totals", "splice_description", "group_means",
-           "ReconstructionSums", "results_of", "clusters"]
+__all__ = ["SAEResult", "Condition", "CLEAN", "ZERO", "MEAN", "evaluate_saes_on_tokens", "lm_from_totals",
+           "splice_description", "group_means", "ReconstructionSums", "results_of", "clusters"]
+
+
+class Condition(NamedTuple):
+    """What ran at the hook for a CE / KL sum: ``kind`` ``clean`` (nothing spliced), ``sae`` (the reconstruction of
+    the SAE labelled ``sae``), ``zero`` or ``mean`` (the ablations)."""
+
+    kind: str
+    sae: str = ""
+
+
+CLEAN, ZERO, MEAN = Condition("clean"), Condition("zero"), Condition("mean")
 
 
 def splice_description(all_positions: bool, exclude_special: bool = True) -> str:
@@ -82,20 +94,24 @@ def _ratio(num: Tensor, den: Tensor) -> Tensor:
     return torch.where(ok, num / torch.where(ok, den, torch.ones_like(den)), torch.full_like(num, float("nan")))
 
 
-def lm_from_totals(t: Mapping[str, Tensor], g: str, sae_cond: str, mean_ablation: bool) -> dict[str, Tensor]:
-    """CE/KL metrics of group ``g`` from totals ``{g}|n``, ``{g}|ce|{cond}``, ``{g}|kl|{cond}`` (module docstring
-    formulas; leading dims of the totals, e.g. [B] bootstrap replicates, are kept)."""
-    n = t[f"{g}|n"]
-    mean = {k: _ratio(t[f"{g}|{k}"], n) for k in ("ce|clean", f"ce|{sae_cond}", "ce|zero", f"kl|{sae_cond}",
-                                                  "kl|zero")}
-    ce_clean, ce_sae, ce_abl = mean["ce|clean"], mean[f"ce|{sae_cond}"], mean["ce|zero"]
-    kl_sae, kl_abl = mean[f"kl|{sae_cond}"], mean["kl|zero"]
+def lm_from_totals(t: Mapping[Hashable, Tensor], g: str, sae_cond: Condition, mean_ablation: bool
+                   ) -> dict[str, Tensor]:
+    """CE/KL metrics of group ``g`` from the totals ``SumKey(g, "n")``, ``SumKey(g, "ce", condition)`` and
+    ``SumKey(g, "kl", condition)`` (module docstring formulas; leading dims of the totals, e.g. [B] bootstrap
+    replicates, are kept)."""
+    n = t[SumKey(g, "n")]
+
+    def mean(stat: str, cond: Condition) -> Tensor:
+        return _ratio(t[SumKey(g, stat, cond)], n)
+
+    ce_clean, ce_sae, ce_abl = mean("ce", CLEAN), mean("ce", sae_cond), mean("ce", ZERO)
+    kl_sae, kl_abl = mean("kl", sae_cond), mean("kl", ZERO)
     out = {"metrics/ce_loss_without_sae": ce_clean, "metrics/ce_loss_with_sae": ce_sae,
            "metrics/ce_loss_with_ablation": ce_abl, "metrics/ce_loss_score": _ratio(ce_abl - ce_sae, ce_abl - ce_clean),
            "metrics/delta_loss": ce_sae - ce_clean, "metrics/kl_div_with_sae": kl_sae,
            "metrics/kl_div_with_ablation": kl_abl, "metrics/kl_div_score": _ratio(kl_abl - kl_sae, kl_abl)}
     if mean_ablation:
-        ce_mean, kl_mean = _ratio(t[f"{g}|ce|mean"], n), _ratio(t[f"{g}|kl|mean"], n)
+        ce_mean, kl_mean = mean("ce", MEAN), mean("kl", MEAN)
         out.update({"metrics/ce_loss_with_mean_ablation": ce_mean, "metrics/kl_div_with_mean_ablation": kl_mean,
                     "metrics/ce_loss_score_mean_ablation": _ratio(ce_mean - ce_sae, ce_mean - ce_clean),
                     "metrics/kl_div_score_mean_ablation": _ratio(kl_mean - kl_sae, kl_mean)})
@@ -183,7 +199,7 @@ class ReconstructionSums:
             self.accs[g].update(a, x_hat, f, mask=md)
             fires = g == OVERALL and self.n_docs * f.shape[-1] <= MAX_FIRE_TABLE
             for k, v in reconstruction_token_stats(a[md], x_hat[md], f[md], self.means[g], fires).items():
-                self.docs.add(f"{g}|{k}", v, cluster[m])
+                self.docs.add(SumKey(g, k), v, cluster[m])
         return x_hat
 
 
@@ -202,7 +218,7 @@ def evaluate_saes_on_tokens(saes: Mapping[str, Any], lm: Any, hook: Any, input_i
     """
     ids, segs, docs = _validate(input_ids, segments, doc_ids, n_saes=len(saes), batch_size=batch_size)
     cluster, n_docs = clusters(docs)
-    model = torch_module(lm)
+    model = as_module(lm)
     hook = as_hook(model, hook)
     device = next(model.parameters()).device
     means = _group_means(model, hook, ids, segs, batch_size, device)
@@ -211,7 +227,7 @@ def evaluate_saes_on_tokens(saes: Mapping[str, Any], lm: Any, hook: Any, input_i
                           "special or chat-template text. Evaluate on data with ordinary content.")
     recon = {label: ReconstructionSums(means, n_docs) for label in saes}
     lm_sums = DocumentSums(n_docs + 1)
-    conds = {label: f"sae:{label}" for label in saes}
+    conds = {label: Condition("sae", label) for label in saes}
     with_all = per_segment and has_template(segs)
 
     for i in range(0, ids.shape[0], batch_size):
@@ -219,7 +235,7 @@ def evaluate_saes_on_tokens(saes: Mapping[str, Any], lm: Any, hook: Any, input_i
         valid = s != PAD
         attn = None if bool(valid.all()) else valid.long().to(device)
         where = splice_positions(s, exclude_special, splice_all_positions)
-        clean_logits, a = clean_forward(model, hook, x_ids, attn)
+        clean_logits, a = forward_with_capture(model, hook, x_ids, attention_mask=attn)
         counted = lm_positions(s)
         rows = tuple(r.to(clean_logits.device) for r in counted.nonzero(as_tuple=True))
         targets = x_ids[:, 1:][counted.to(device)].to(clean_logits.device)
@@ -227,34 +243,31 @@ def evaluate_saes_on_tokens(saes: Mapping[str, Any], lm: Any, hook: Any, input_i
         tgt_groups = {g: m[counted] for g, m in groups(s[:, 1:], counted, per_segment, with_all).items()}
         rec_groups = groups(s, reconstruction_positions(s), per_segment, with_all)
 
-        def add_terms(cond: str, ce: Tensor, kl: Optional[Tensor]) -> None:
+        def add_terms(cond: Condition, ce: Tensor, kl: Optional[Tensor]) -> None:
             for g, m in tgt_groups.items():
-                lm_sums.add(f"{g}|ce|{cond}", ce.cpu()[m], tgt_doc[m])
+                lm_sums.add(SumKey(g, "ce", cond), ce.cpu()[m], tgt_doc[m])
                 if kl is not None:
-                    lm_sums.add(f"{g}|kl|{cond}", kl.cpu()[m], tgt_doc[m])
+                    lm_sums.add(SumKey(g, "kl", cond), kl.cpu()[m], tgt_doc[m])
+
+        def patched(value: Tensor) -> Tensor:
+            return forward_with_patch(model, hook, x_ids, replace_at(value, where), attention_mask=attn)
 
         for g, m in tgt_groups.items():
-            lm_sums.add(f"{g}|n", torch.ones(int(m.sum())), tgt_doc[m])
+            lm_sums.add(SumKey(g, "n"), torch.ones(int(m.sum())), tgt_doc[m])
         clean = CleanLogits(clean_logits, rows, targets)
-        add_terms("clean", *clean.terms(None))
+        add_terms(CLEAN, *clean.terms(None))
         for label, sae in saes.items():
             x_hat = recon[label].add(sae, a, rec_groups, c)
-            patched = patched_forward(model, hook, x_ids, attn, replace_at(x_hat, where))
-            add_terms(conds[label], *clean.terms(patched))
-            del patched
-        zero = patched_forward(model, hook, x_ids, attn, replace_at(torch.zeros_like(a), where))
-        add_terms("zero", *clean.terms(zero))
-        del zero
+            add_terms(conds[label], *clean.terms(patched(x_hat)))
+        add_terms(ZERO, *clean.terms(patched(torch.zeros_like(a))))
         if mean_ablation:
-            mean_patched = patched_forward(model, hook, x_ids, attn, replace_at(means[ALL_TOKENS], where))
-            add_terms("mean", *clean.terms(mean_patched))
-            del mean_patched
+            add_terms(MEAN, *clean.terms(patched(means[ALL_TOKENS])))
 
     extra = (token_counts(segs), splice_description(splice_all_positions, exclude_special))
     return results_of(recon, lm_sums, conds, mean_ablation, n_docs, n_bootstrap, bootstrap_seed, *extra)
 
 
-def results_of(recon: Mapping[str, ReconstructionSums], lm_sums: DocumentSums, conds: Mapping[str, str],
+def results_of(recon: Mapping[str, ReconstructionSums], lm_sums: DocumentSums, conds: Mapping[str, Condition],
                mean_ablation: bool, n_docs: int, n_bootstrap: int, bootstrap_seed: int, counts: dict,
                splice: str) -> dict[str, SAEResult]:
     """label -> :class:`SAEResult` from the sums of the pass (``lm_sums`` empty: reconstruction metrics only)."""
@@ -267,11 +280,11 @@ def results_of(recon: Mapping[str, ReconstructionSums], lm_sums: DocumentSums, c
             for label, r in recon.items()}
 
 
-def _result(accs, rec_sums: DocumentSums, lm_sums: DocumentSums, lm_reps, weights, cond: str, mean_ablation: bool,
-            counts: dict, splice: str) -> SAEResult:
+def _result(accs, rec_sums: DocumentSums, lm_sums: DocumentSums, lm_reps, weights, cond: Condition,
+            mean_ablation: bool, counts: dict, splice: str) -> SAEResult:
     """One SAE's :class:`SAEResult`: point values per group, then the bootstrap error bars per group."""
     lm_point = lm_sums.totals()
-    names = list(dict.fromkeys(list(accs) + [k.split("|")[0] for k in lm_point if k.endswith("|n")]))
+    names = list(dict.fromkeys(list(accs) + [k.group for k in lm_point if k.stat == "n"]))
     rec_reps = rec_sums.totals(weights) if weights is not None else None
     blocks: dict[str, dict[str, float]] = {}
     errors: dict[str, dict[str, dict[str, float]]] = {}
@@ -280,10 +293,11 @@ def _result(accs, rec_sums: DocumentSums, lm_sums: DocumentSums, lm_reps, weight
         if g in accs:
             block.update(accs[g].compute())
         block["tokens/reconstruction_counted"] = accs[g].n if g in accs else 0
-        if f"{g}|n" in lm_point:
+        n_key = SumKey(g, "n")
+        if n_key in lm_point:
             block.update({k: float(v) for k, v in lm_from_totals(lm_point, g, cond, mean_ablation).items()})
-            per_doc = lm_sums.sums[f"{g}|n"]
-            block["tokens/lm_counted"] = int(lm_point[f"{g}|n"])
+            per_doc = lm_sums.sums[n_key]
+            block["tokens/lm_counted"] = int(lm_point[n_key])
             block["tokens/documents"] = int((per_doc > 0).sum())
         else:
             block["tokens/lm_counted"] = 0
@@ -291,8 +305,8 @@ def _result(accs, rec_sums: DocumentSums, lm_sums: DocumentSums, lm_reps, weight
         if weights is not None:
             reps: dict[str, Tensor] = {}
             if g in accs:
-                reps.update(reconstruction_from_totals(rec_reps, prefix=f"{g}|"))
-            if f"{g}|n" in lm_point:
+                reps.update(reconstruction_from_totals(rec_reps, g))
+            if n_key in lm_point:
                 reps.update(lm_from_totals(lm_reps, g, cond, mean_ablation))
             errors[g] = error_bars(reps)
     overall = blocks.pop(OVERALL)

@@ -1,4 +1,6 @@
-"""Model plumbing of the evaluation: the clean pass, patched passes and the SAE's reconstruction.
+"""What the evaluation splices into the model: the SAE's reconstruction and the patch that puts a value at the
+splice positions (the forward passes themselves are :func:`domain_sae.models.hooks.forward_with_capture` and
+:func:`~domain_sae.models.hooks.forward_with_patch`).
 
 A patch replaces the hook's activation ``a`` [B, T, d] by ``where(mask, value, a)``: ``value`` at the splice
 positions ``mask`` [B, T] (:func:`.positions.splice_positions`), the original activation elsewhere.
@@ -6,35 +8,14 @@ positions ``mask`` [B, T] (:func:`.positions.splice_positions`), the original ac
 
 from __future__ import annotations
 
-from typing import Any, Callable, Optional
+from typing import Any, Callable
 
 import torch
 from torch import Tensor
 
-from ..models.hooks import HookPoint, forward_with_capture, forward_with_patch, resolve_hook
 from .metrics import MetricError
 
-__all__ = ["torch_module", "as_hook", "clean_forward", "patched_forward", "replace_at", "reconstruct", "sae_widths"]
-
-
-def torch_module(lm: Any) -> torch.nn.Module:
-    """The torch module of a ``LoadedModel`` (``lm.model``) or the module itself (an HF causal LM has its own
-    ``.model`` attribute, the decoder stack, which must not be unwrapped)."""
-    return lm if isinstance(lm, torch.nn.Module) else lm.model
-
-
-def as_hook(model: torch.nn.Module, hook: str | HookPoint) -> HookPoint:
-    return resolve_hook(model, hook) if isinstance(hook, str) else hook
-
-
-def clean_forward(model, hook: HookPoint, ids: Tensor, attn: Optional[Tensor]) -> tuple[Tensor, Tensor]:
-    """(logits [B, T, V], activation at the hook [B, T, d_in]) from one unpatched forward."""
-    return forward_with_capture(model, hook, ids, attention_mask=attn)
-
-
-def patched_forward(model, hook: HookPoint, ids: Tensor, attn: Optional[Tensor],
-                    fn: Callable[[Tensor], Tensor]) -> Tensor:
-    return forward_with_patch(model, hook, ids, fn, attention_mask=attn)
+__all__ = ["replace_at", "reconstruct", "sae_widths"]
 
 
 def replace_at(value: Tensor, mask: Tensor) -> Callable[[Tensor], Tensor]:

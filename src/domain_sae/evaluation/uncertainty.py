@@ -35,14 +35,14 @@ and keeps its bar.
 from __future__ import annotations
 
 import math
-from typing import Any, Mapping, Optional
+from typing import Any, Hashable, Mapping, NamedTuple, Optional
 
 import torch
 from torch import Tensor
 
 from .metrics import DENSE_THRESHOLD, DENSITY_EPS
 
-__all__ = ["DocumentSums", "bootstrap_weights", "error_bars", "reconstruction_token_stats",
+__all__ = ["DocumentSums", "SumKey", "bootstrap_weights", "error_bars", "reconstruction_token_stats",
            "reconstruction_from_totals", "MAX_FIRE_TABLE", "RESAMPLING_BIASED", "NO_INTERVAL_REASON"]
 
 MAX_FIRE_TABLE = 50_000_000
@@ -52,22 +52,33 @@ NO_INTERVAL_REASON = ("no error bar: resampling documents leaves more latents si
                       "of this count sit above the measured value and their percentiles are not an interval for it")
 
 
+class SumKey(NamedTuple):
+    """The name of one per-document sum of the evaluation: its ``group`` (``overall``, ``all_tokens`` or a segment
+    name), its ``stat`` (``n``, ``ce``, ``kl``, or a statistic of :func:`reconstruction_token_stats`) and, for
+    ``ce`` / ``kl``, the ``condition`` the model ran in (``lm_metrics.Condition``: clean, an SAE spliced in, an
+    ablation)."""
+
+    group: str
+    stat: str
+    condition: Any = None
+
+
 class DocumentSums:
     """float64 per-document sums of named statistics: ``add(name, values [M] or [M, k], doc [M])`` (doc = cluster
-    index in [0, n_docs)); ``totals(weights)`` gives Σ_d w_d S_d per name, [B] / [B, k] for weights [B, D], or the
-    plain sums (0-dim / [k]) for ``weights=None``."""
+    index in [0, n_docs); ``name`` any hashable key, a :class:`SumKey` in the evaluation); ``totals(weights)`` gives
+    Σ_d w_d S_d per name, [B] / [B, k] for weights [B, D], or the plain sums (0-dim / [k]) for ``weights=None``."""
 
     def __init__(self, n_docs: int):
         self.n_docs = int(n_docs)
-        self.sums: dict[str, Tensor] = {}
+        self.sums: dict[Hashable, Tensor] = {}
 
-    def add(self, name: str, values: Tensor, doc: Tensor) -> None:
+    def add(self, name: Hashable, values: Tensor, doc: Tensor) -> None:
         v = values.detach().to("cpu", torch.float64)
         if name not in self.sums:
             self.sums[name] = torch.zeros((self.n_docs,) + tuple(v.shape[1:]), dtype=torch.float64)
         self.sums[name].index_add_(0, doc.to("cpu", torch.long), v)
 
-    def totals(self, weights: Optional[Tensor] = None) -> dict[str, Tensor]:
+    def totals(self, weights: Optional[Tensor] = None) -> dict[Hashable, Tensor]:
         if weights is None:
             return {k: v.sum(0) for k, v in self.sums.items()}
         return {k: torch.tensordot(weights, v, dims=([1], [0])) for k, v in self.sums.items()}
@@ -128,10 +139,11 @@ def _div(a: Tensor, b: Tensor) -> Tensor:
     return torch.where(b != 0, a / torch.where(b != 0, b, torch.ones_like(b)), torch.full_like(a, math.nan))
 
 
-def reconstruction_from_totals(t: Mapping[str, Tensor], prefix: str = "") -> dict[str, Tensor]:
-    """The reconstruction metrics (SPEC section 3 names, :mod:`.metrics` formulas) from totals of
-    :func:`reconstruction_token_stats` (keys with ``prefix``). Leading dims of the totals are kept ([B] replicates)."""
-    g = {k[len(prefix):]: v for k, v in t.items() if k.startswith(prefix)}
+def reconstruction_from_totals(t: Mapping[Hashable, Tensor], group: str) -> dict[str, Tensor]:
+    """The reconstruction metrics (SPEC section 3 names, :mod:`.metrics` formulas) of ``group`` from totals of
+    :func:`reconstruction_token_stats` (keys ``SumKey(group, stat)``). Leading dims of the totals are kept ([B]
+    replicates)."""
+    g = {k.stat: v for k, v in t.items() if isinstance(k, SumKey) and k.group == group}
     n = g["n"]
     var = g["v"] - _div(g["dx"].pow(2).sum(-1), n)  # Σ||x - x̄||² = Σ||x - c||² - N||x̄ - c||²
     ev_mean = _div(g["evt"], g["evn"])

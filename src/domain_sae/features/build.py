@@ -1,15 +1,16 @@
 """Build a feature store: one streaming pass per dataset over held-out tokens, then per-latent finalisation.
 
-    build_feature_store(sae_dirs, datasets, n_tokens, out)   (what `dsae features` runs; the study can call it)
+    build_feature_store(saes: SAESet, data: HeldoutData, out, n_tokens=N)   (`dsae features`; the study calls it too)
 
-Per dataset, the held-out split (``data.pipeline.heldout_batch``, the split ``dsae eval`` uses, with the first SAE's
-training context size, BOS and holdout fraction) is run through the model in batches of ``batch_size``
-sequences, stopping at each hook (``models.hooks.capture``); every SAE at that hook encodes the kept positions in
-chunks and a :class:`~.accumulate.LatentAccumulator` per (SAE, dataset) takes the statistics. Hook activations are
-spilled to a float32 memory map in the build's temporary folder so that the context windows' activations can be
-computed at the end without a second model pass. Memory is bounded (accumulators + one chunk) and predicted before
-anything runs. The store is written under a temporary name and renamed when complete: a killed build leaves no
-file at ``out`` (only a ``.tmp-`` folder beside it, removed by the next build).
+Per dataset, the held-out sample (:class:`~domain_sae.evaluation.heldout_data.HeldoutData`: the one ``dsae eval``
+draws, with the held-out options resolved from the SAEs' metadata by the same rule, or a held-out activation cache)
+is run through the model in batches of ``batch_size`` sequences, stopping at each hook (``models.hooks.capture``);
+every SAE at that hook encodes the kept positions in chunks and a :class:`~.accumulate.LatentAccumulator` per
+(SAE, dataset) takes the statistics (from a cache: its activations, no model pass). Hook activations are spilled to
+a float32 memory map in the build's temporary folder so that the context windows' activations can be computed at
+the end without a second model pass. Memory is bounded (accumulators + one chunk) and predicted before anything
+runs. The store is written under a temporary name and renamed when complete: a killed build leaves no file at
+``out`` (only a ``.tmp-`` folder beside it, removed by the next build).
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ import sqlite3
 import sys
 import tempfile
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -31,15 +32,18 @@ import numpy as np
 import torch
 
 from .. import __version__
-from ..util.atomic import fsync_dir, fsync_file, remove_leftovers
+from ..config import EvalConfig
 from ..data.segments import training_mask
 from ..errors import UserError
+from ..evaluation.heldout_data import HeldoutData
+from ..evaluation.sae_set import SAESet
+from ..util.atomic import fsync_dir, fsync_file, remove_leftovers
 from .accumulate import LatentAccumulator, hist_edges
 from .compare import write_comparisons
 from .detok import token_texts
 from .finalize import finalize_sae
 from .options import FeatureOptions
-from .schema import FORMAT, StoreError, create_schema, put_meta
+from .schema import FORMAT, create_schema, put_meta
 
 __all__ = ["FeatureOptions", "build_feature_store", "predict_memory"]
 
@@ -68,20 +72,6 @@ class Progress:
 
 def _default_write(line: str) -> None:
     print(line, file=sys.stderr, flush=True)
-
-
-def _labels(paths: Sequence[str]) -> list[str]:
-    # a run directory's SAE lives in RUN/sae: name it after the run
-    names = [(Path(p).parent.name if Path(p).name == "sae" and Path(p).parent.name else Path(p).name) or str(p)
-             for p in paths]
-    out = []
-    for i, (p, n) in enumerate(zip(paths, names)):
-        if names.count(n) > 1:
-            parent = Path(p).parent.name
-            n = f"{parent}/{n}" if parent and [Path(q).parent.name + "/" + Path(q).name for q in paths].count(
-                f"{parent}/{n}") == 1 else f"{n}#{i}"
-        out.append(n)
-    return out
 
 
 def _sha256(path: str | None) -> str | None:
@@ -133,18 +123,6 @@ def _gib(b: int) -> str:
     return f"{b / (1 << 30):.2f} GiB"
 
 
-def _data_cfg(meta: Mapping[str, Any], spec: str, overrides: Mapping[str, Any]):
-    from ..config import DataConfig
-    cfg = DataConfig()
-    values = {"data": spec}
-    for key, mkey in (("context_size", "context_size"), ("prepend_bos", "prepend_bos"),
-                      ("holdout_fraction", "holdout_fraction")):
-        if meta.get(mkey) is not None:
-            values[key] = type(getattr(cfg, key))(meta[mkey])
-    values.update({k: v for k, v in overrides.items() if v is not None})
-    return dataclasses.replace(cfg, **values)
-
-
 def _is_feature_store(path: Path) -> bool:
     """Whether ``path`` is an SQLite file whose meta table names our store format (finished or not)."""
     try:
@@ -170,69 +148,53 @@ def _prepare_out(out: Path, overwrite: bool) -> None:
     remove_leftovers(out.parent, out.name)  # left by a killed build
 
 
-def build_feature_store(sae_dirs: Sequence[str | Path], datasets: Sequence[str], n_tokens: int, out: str | Path, *,
-                        model: str | None = None, device: str = "cpu", lm: Any = None,
-                        saes: Sequence[Any] | None = None, hook: str | None = None,
-                        heldout: Mapping[str, tuple[torch.Tensor, torch.Tensor]] | None = None,
-                        data_overrides: Mapping[str, Any] | None = None,
+def build_feature_store(saes: SAESet, data: HeldoutData, out: str | Path, *, n_tokens: int = 0,
+                        cfg: EvalConfig | None = None, lm: Any = None, device: str = "cpu",
                         options: FeatureOptions | None = None, overwrite: bool = False,
-                        activations: Sequence[str | Path] | None = None,
                         write: Callable[[str], None] | None = _default_write) -> Path:
-    """Build the store at ``out`` (an SQLite file) for ``sae_dirs`` (ours or SAELens's; or pass loaded ``saes``)
-    on ``n_tokens`` held-out tokens of each dataset spec (``heldout`` may map a spec to ``(ids, segments)``), or,
-    with ``activations`` (held-out caches of `dsae cache --split heldout`, one dataset each; ``datasets`` empty,
-    ``n_tokens`` unused), on each cache's sample and activations without running the model (it is loaded for the
-    tokenizer and the unembedding of the logit effects).
-    ``model`` defaults to the first SAE's metadata model (``lm``: a LoadedModel to reuse); each SAE runs at its
-    metadata hook unless ``hook`` is given. Returns ``out``. Reason for the length: it is the orchestration of
-    the whole build (checks, prediction, pass, finalisation, atomic rename) kept in one readable place."""
+    """Build the store at ``out`` (an SQLite file) for the SAEs of ``saes`` on ``data``: ``n_tokens`` held-out tokens
+    of each dataset spec drawn live, or each held-out cache's sample and activations (`dsae cache --split heldout`;
+    ``n_tokens`` unused) without running the model (it is loaded for the tokenizer and the unembedding of the logit
+    effects). ``cfg`` (an :class:`~domain_sae.config.EvalConfig`): held-out options and hook; its null ones come from
+    the SAEs' metadata as for `dsae eval` (the model too; ``lm``: a LoadedModel to reuse). The SAEs pass the one
+    compatibility check of :class:`~domain_sae.evaluation.sae_set.SAESet` against the model. Returns ``out``. Reason
+    for the length: it is the orchestration of the whole build (checks, prediction, pass, finalisation, atomic
+    rename) kept in one readable place."""
     from ..models.hooks import capture, hook_d_in, resolve_hook
     from ..models.load import load_model
-    from ..sae.io import load_sae
     opts = options or FeatureOptions()
     opts.check()
     out = Path(out)
-    if activations and datasets:
-        raise UserError("--data and --activations both choose the data; give one of them (a held-out cache is one "
-                        "dataset).")
-    if not datasets and not activations:
-        raise UserError("No dataset given; pass --data chat, --data code or a file.")
-    if n_tokens <= 0 and not activations:
+    if n_tokens <= 0 and not data.from_cache:
         raise UserError(f"--tokens must be positive (got {n_tokens}).")
     _prepare_out(out, overwrite)
-    paths = [str(p) for p in sae_dirs] if sae_dirs else [f"sae_{i}" for i in range(len(saes or []))]
-    saes = list(saes) if saes is not None else [load_sae(p) for p in paths]
-    if not saes:
-        raise UserError("No SAE given; pass one or more SAE directories.")
-    labels = _labels(paths)
-    metas = [dict(getattr(s.cfg, "metadata", None) or {}) for s in saes]
-    lm = lm if lm is not None else load_model(model or metas[0].get("model_name") or "smollm2-135m-instruct",
-                                              device=device)
+    cfg = cfg or EvalConfig()
+    saes = saes.at_hook(cfg.hook)
+    cfg, _ = saes.heldout_config(cfg, model_name=None if lm is None else lm.name)
+    lm = lm if lm is not None else load_model(cfg.model, device=device)
     net = lm.model
-    hooks = [hook or m.get("hook_name") or "blocks.0.hook_mlp_out" for m in metas]
-    points = {h: resolve_hook(net, h) for h in set(hooks)}
+    points = {h: resolve_hook(net, h) for h in saes.hooks}
     widths = {h: hook_d_in(net, p) for h, p in points.items()}
-    for lab, s, h in zip(labels, saes, hooks):
-        if s.d_in != widths[h]:
-            raise UserError(f"SAE {lab} has d_in={s.d_in} but hook {h} of {lm.name} has width {widths[h]}; pass "
-                            f"SAEs trained on this model and hook (or --hook).")
-    caches = _open_caches(activations, points, widths, lm.name, metas[0], data_overrides or {}, opts) \
-        if activations else []
-    samples = [next(iter(c.values())) for c in caches]  # any hook's view: the same sample and sequences
-    if caches:
-        datasets = [c.data for c in samples]
-        n_tokens = max(int(c.input_ids.numel()) for c in samples)
-    dcfgs = [_data_cfg(metas[0], str(spec), data_overrides or {}) for spec in datasets]
-    ctx = dcfgs[0].context_size
+    saes.check(model=lm.name, width=widths.__getitem__)
+    sets = data.sets(cfg, tokenizer=lm.tokenizer, n_tokens=n_tokens, hooks=saes.hooks, model=lm.name)
+    for ds in sets:
+        if ds.caches and next(iter(ds.caches.values())).manifest["exclude_special"] and not opts.exclude_special:
+            raise UserError(f"The activation cache {ds.cache_path} holds no special-token positions, but the store "
+                            f"is asked to include them (exclude_special=False); build the store from the live model "
+                            f"(--data).")
+    if data.from_cache:
+        n_tokens = max(int(ds.input_ids.numel()) for ds in sets)
+    ctx = cfg.context_size
+    entries = list(saes)
     model_bytes = sum(p.numel() * p.element_size() for p in net.parameters())
     vocab = int(net.get_output_embeddings().weight.shape[0]) if net.get_output_embeddings() is not None else 0
     rss = current_rss_bytes()   # the process now: interpreter, libraries, model and SAEs
-    pred = predict_memory([s.d_sae for s in saes], [s.d_in for s in saes], len(datasets), opts,
-                          model_bytes=rss if rss else model_bytes + sum(4 * 2 * s.d_sae * s.d_in for s in saes),
+    pred = predict_memory([e.d_sae for e in entries], [e.d_in for e in entries], len(sets), opts,
+                          model_bytes=rss if rss else model_bytes + sum(4 * 2 * e.d_sae * e.d_in for e in entries),
                           context_size=ctx, d_model=max(widths.values()), vocab=vocab)
-    disk = sum(n_tokens * w * 4 for w in widths.values()) * len(datasets)
-    prog = Progress(-(-n_tokens // ctx) * ctx * len(datasets), write)
-    prog.note(f"{len(saes)} SAE(s) x {len(datasets)} dataset(s), {n_tokens:,} held-out tokens each; predicted peak "
+    disk = sum(n_tokens * w * 4 for w in widths.values()) * len(sets)
+    prog = Progress(-(-n_tokens // ctx) * ctx * len(sets), write)
+    prog.note(f"{len(entries)} SAE(s) x {len(sets)} dataset(s), {n_tokens:,} held-out tokens each; predicted peak "
               f"memory {_gib(pred['peak'])} (process now {_gib(pred['model'])}, "
               f"statistics {_gib(pred['accumulators'])}, "
               f"per step {_gib(max(pred['step'], pred['finalize']))}); activation spill on disk {_gib(disk)}.")
@@ -245,31 +207,26 @@ def build_feature_store(sae_dirs: Sequence[str | Path], datasets: Sequence[str],
         conn = sqlite3.connect(db)
         create_schema(conn)
         edges = hist_edges(opts.hist_lo, opts.hist_hi, opts.hist_bins)
-        seq_ids, seq_segs, seq_texts, masks, spills, ds_rows = [], [], [], [], [], []
-        gates: list[list[np.ndarray]] = [[] for _ in saes]
-        accs = [[LatentAccumulator(s.d_sae, n_candidates=opts.n_candidates, reservoir=opts.reservoir, edges=edges,
-                                   seed=opts.seed * 1_000_003 + 7919 * j + k) for k in range(len(datasets))]
-                for j, s in enumerate(saes)]
+        seq_ids, seq_texts, spills, ds_rows = [], [], [], []
+        gates: list[list[np.ndarray]] = [[] for _ in entries]
+        accs = [[LatentAccumulator(e.d_sae, n_candidates=opts.n_candidates, reservoir=opts.reservoir, edges=edges,
+                                   seed=opts.seed * 1_000_003 + 7919 * j + k) for k in range(len(sets))]
+                for j, e in enumerate(entries)]
         chunk = pred["chunk_tokens"]
-        for k, (spec, dcfg) in enumerate(zip(datasets, dcfgs)):
-            if caches:
-                ids, segs = samples[k].input_ids, samples[k].segments
-            else:
-                ids, segs = _heldout_tokens(spec, dcfg, lm.tokenizer, n_tokens, heldout)
+        for k, ds in enumerate(sets):
+            ids, segs = ds.input_ids, ds.segments
             mask = training_mask(segs, opts.exclude_special)   # the positions SAE training and eval use
             seq_ids.append(ids)
-            seq_segs.append(segs)
-            masks.append(mask)
-            ds_rows.append((k, str(spec), int(ids.numel()), int(mask.sum())))
+            ds_rows.append((k, ds.spec, int(ids.numel()), int(mask.sum())))
             seq_texts.append(_write_sequences(conn, k, ids, segs, lm.tokenizer))
             spill = {h: np.lib.format.open_memmap(tmp / f"acts_{k}_{i}.npy", mode="w+", dtype=np.float32,
                                                   shape=(ids.shape[0], ids.shape[1], widths[h]))
                      for i, h in enumerate(sorted(points))}
             spills.append(spill)
-            for j in range(len(saes)):  # tau: the smallest non-zero activation per position (finalize.py)
+            for j in range(len(entries)):  # tau: the smallest non-zero activation per position (finalize.py)
                 gates[j].append(np.full(tuple(ids.shape), np.inf, dtype=np.float32))
-            for h, c in (caches[k].items() if caches else ()):  # the cached activations, NaN where none is held
-                for s0, a in c.batches(opts.batch_size):
+            for h in ds.caches:  # the cached activations, NaN where none is held
+                for s0, a in ds.activations(h, opts.batch_size):
                     spill[h][s0:s0 + a.shape[0]] = a.numpy()
             T = ids.shape[1]
             for s0 in range(0, ids.shape[0], opts.batch_size):
@@ -277,43 +234,45 @@ def build_feature_store(sae_dirs: Sequence[str | Path], datasets: Sequence[str],
                 b_mask = mask[s0:s0 + opts.batch_size]
                 loc = (torch.arange(s0, s0 + b_ids.shape[0])[:, None] * T + torch.arange(T)[None])[b_mask]
                 for h, p in points.items():
-                    if caches:
+                    if ds.caches:
                         a = torch.from_numpy(np.array(spill[h][s0:s0 + b_ids.shape[0]])).to(lm.device)
                     else:
                         a = capture(net, p, b_ids).to(torch.float32)
                         spill[h][s0:s0 + b_ids.shape[0]] = a.cpu().numpy()
                     x = a[b_mask.to(a.device)]
-                    for j, s in enumerate(saes):
-                        if hooks[j] != h:
+                    for j, e in enumerate(entries):
+                        if e.hook != h:
                             continue
                         with torch.no_grad():
                             for c0 in range(0, x.shape[0], chunk):
-                                f = s.encode(x[c0:c0 + chunk])
+                                f = e.sae.encode(x[c0:c0 + chunk])
                                 accs[j][k].update(f, loc[c0:c0 + chunk])
                                 tau = f.masked_fill(f <= 0, float("inf")).amin(-1)
                                 gates[j][k].reshape(-1)[loc[c0:c0 + chunk].cpu().numpy()] = tau.cpu().numpy()
-                prog.advance(int(b_ids.numel()), f"{spec}")
+                prog.advance(int(b_ids.numel()), ds.spec)
         conn.executemany("INSERT INTO datasets VALUES (?, ?, ?, ?)", ds_rows)
         sae_rows = []
-        for j, (lab, path, s, h, m) in enumerate(zip(labels, paths, saes, hooks, metas)):
-            prog.note(f"finalising {lab}: examples, histograms, logit effects, neighbours")
-            sha = _sha256(path)
-            sae_rows.append({"sae_id": j, "label": lab, "path": path, "sha256": sha, "hook": h, "d_in": s.d_in,
-                             "d_sae": s.d_sae})
+        for j, e in enumerate(entries):
+            prog.note(f"finalising {e.label}: examples, histograms, logit effects, neighbours")
+            sha = _sha256(e.path)
+            sae_rows.append({"sae_id": j, "label": e.label, "path": e.path, "sha256": sha, "hook": e.hook,
+                             "d_in": e.d_in, "d_sae": e.d_sae})
             conn.execute("INSERT INTO saes VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
-                         (j, lab, path, sha, h, s.d_in, s.d_sae, json.dumps(m, default=str)))
-            finalize_sae(conn, j, s, accs[j], seq_ids, seq_texts, [sp[h] for sp in spills], opts, lm, gates[j])
+                         (j, e.label, e.path, sha, e.hook, e.d_in, e.d_sae, json.dumps(e.metadata, default=str)))
+            finalize_sae(conn, j, e.sae, accs[j], seq_ids, seq_texts, [sp[e.hook] for sp in spills], opts, lm,
+                         gates[j])
             accs[j], gates[j] = [], []  # free
-        write_comparisons(conn, saes, paths, hooks, metas, opts, prog.note)
+        write_comparisons(conn, [e.sae for e in entries], [e.path for e in entries], [e.hook for e in entries],
+                          [e.metadata for e in entries], opts, prog.note)
         provenance = {
             "tool": "domain-sae", "tool_version": __version__, "created": time.strftime("%Y-%m-%dT%H:%M:%SZ",
                                                                                          time.gmtime()),
             "model": {"name": lm.name, "source": getattr(lm, "source", None), "family": getattr(lm, "family", None)},
             "saes": sae_rows,
             "datasets": [{"spec": r[1], "tokens": r[2], "kept_tokens": r[3]} for r in ds_rows],
-            "data_config": {k: getattr(dcfgs[0], k) for k in ("context_size", "prepend_bos", "holdout_fraction")},
+            "data_config": {k: getattr(cfg, k) for k in ("context_size", "prepend_bos", "holdout_fraction")},
             "tokens_per_dataset_requested": int(n_tokens), "options": dataclasses.asdict(opts),
-            "activation_caches": [str(c.path) for c in samples] or None,
+            "activation_caches": [str(ds.cache_path) for ds in sets if ds.caches] or None,
             "predicted_memory_bytes": pred, "build_seconds": round(time.perf_counter() - prog.t0, 2),
         }
         put_meta(conn, "provenance", provenance)
@@ -329,38 +288,6 @@ def build_feature_store(sae_dirs: Sequence[str | Path], datasets: Sequence[str],
         shutil.rmtree(tmp, ignore_errors=True)
     prog.note(f"wrote {out} ({out.stat().st_size / 1e6:.1f} MB) in {time.perf_counter() - prog.t0:.1f} s")
     return out
-
-
-def _open_caches(paths, points, widths, model_name, meta, overrides, opts) -> list[dict]:
-    """{hook: HeldoutCache} per cache path, each checked against the model, the SAEs' hooks and held-out data."""
-    from ..activations.heldout_cache import heldout_data_mismatch, open_heldout_cache
-    out = []
-    for path in paths:
-        opened = {h: open_heldout_cache(path, h) for h in sorted(points)}
-        for h, c in opened.items():
-            problems = heldout_data_mismatch(c, _data_cfg(meta, c.data, overrides), model=model_name)
-            if c.d_in != widths[h]:
-                problems.append(f"width {c.d_in} at {h} (the model's: {widths[h]})")
-            if c.manifest["exclude_special"] and not opts.exclude_special:
-                problems.append("no special-token positions (the store is asked to include them)")
-            if problems:
-                raise UserError(f"The activation cache {c.path} does not fit this feature store: it holds "
-                                f"{'; '.join(problems)}. Build the cache with the SAEs' options (dsae cache --split "
-                                f"heldout ...) or build the store from the live model (--data).")
-        out.append(opened)
-    return out
-
-
-def _heldout_tokens(spec, dcfg, tokenizer, n_tokens, heldout) -> tuple[torch.Tensor, torch.Tensor]:
-    from ..data.token_stream import heldout_batch
-    if heldout is not None and spec in heldout:
-        ids, segs = heldout[spec]
-    else:
-        ids, segs = heldout_batch(dcfg, tokenizer, n_tokens)
-    ids, segs = torch.as_tensor(ids).to(torch.int64).cpu(), torch.as_tensor(segs).to(torch.int8).cpu()
-    if ids.ndim != 2 or ids.numel() == 0:
-        raise StoreError(f"The held-out split of {spec!r} gives no tokens; raise holdout_fraction or use more data.")
-    return ids, segs
 
 
 def _write_sequences(conn: sqlite3.Connection, ds: int, ids: torch.Tensor, segs: torch.Tensor, tokenizer

@@ -230,7 +230,3 @@ class FeatureStore:
 
     def __exit__(self, *exc) -> None:
         self.close()
-
-
-def open_feature_store(path: str | Path, *, which: str | None = None) -> FeatureStore:
-    return FeatureStore(path)
