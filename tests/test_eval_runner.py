@@ -124,3 +124,14 @@ def test_same_model_name():
     assert same_model_name("openai-community/gpt2", "gpt2")
     assert not same_model_name("gpt2", "gpt2-medium")
     assert not same_model_name(None, "gpt2")
+
+
+def test_matrix_without_out_dir_writes_nothing_and_gives_the_same_rows(lm, heldout, tmp_path, monkeypatch):
+    """The study's form: eval_matrix(SAESet, HeldoutData, cfg) returns eval.json's structure without any file."""
+    saes = {"a": _with_meta(random_sae(seed=1), HOOK0)}
+    written = _run(lm, heldout, tmp_path / "w", saes)
+    monkeypatch.chdir(tmp_path)
+    bare = eval_matrix(SAESet.of(list(saes.values()), ["runs/a/sae"]),
+                       HeldoutData.live(["chat", "code"], given=heldout), _cfg(), lm=lm)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["w"] and bare["files"] == {}
+    assert bare["results"] == written["results"] and bare["saes"] == written["saes"]

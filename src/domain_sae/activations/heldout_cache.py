@@ -1,10 +1,11 @@
 """Reading a held-out activation cache (`dsae cache --split heldout`) for `dsae eval --activations` and
-`dsae features --activations`: the evaluation's held-out sample and its activations at one hook, with no model.
+`dsae features --activations` (through ``evaluation.heldout_data.HeldoutData``): the evaluation's held-out sample
+and its activations at one hook, with no model.
 
 :func:`open_heldout_cache` checks that the cache is complete, holds the held-out split and the hook, and (unless
 ``verify=False``) that every shard of that hook and every sequence file matches its sha256. The
 :class:`HeldoutCache` it returns gives the sample (``input_ids``, ``segments``, ``doc_ids`` [N, T], exactly what
-``data.pipeline.heldout_batch`` gave the build) and :meth:`HeldoutCache.batches`, the activations as [b, T, d]
+``data.token_stream.heldout_batch`` gave the build) and :meth:`HeldoutCache.batches`, the activations as [b, T, d]
 float32 blocks of whole sequences, rebuilt from the stored rows: the cache holds the training-mask positions of
 each sequence in order, so ``a[mask] = rows``; positions the cache does not hold (padding, and special tokens when
 it was built with ``exclude_special_tokens``) are NaN, so reading one by mistake cannot pass unnoticed.

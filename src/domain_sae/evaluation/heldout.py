@@ -1,8 +1,9 @@
 """The held-out data an evaluation of several SAEs may use, from the SAEs' training metadata.
 
 :func:`resolve_eval_config` turns an :class:`~domain_sae.config.EvalConfig` whose held-out options are null into a
-concrete one; ``evaluation.runner.eval_matrix`` (hence ``dsae eval``) calls it, so a Python caller and the CLI
-evaluate on the same documents. For SAEs i = 1..n with metadata values:
+concrete one; :meth:`.sae_set.SAESet.heldout_config` calls it for ``dsae eval`` (live or from a cache) and
+``dsae features``, so a Python caller and the CLI evaluate on the same documents. For SAEs i = 1..n with metadata
+values:
 
 - ``model``: the first SAE's ``model_name`` (the compatibility check then refuses SAEs of another model);
 - ``context_size``: the common ``context_size``; when they differ, the smallest (every SAE sees only positions it

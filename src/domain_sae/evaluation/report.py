@@ -1,6 +1,6 @@
 """Writers for evaluation results: JSON, Markdown tables and PNG plots (matplotlib, Agg backend).
 
-Nothing here computes a metric; :mod:`.runner` passes the numbers in. Output is deterministic: no timestamps, NaN
+Nothing here computes a metric; :mod:`.matrix` passes the numbers in. Output is deterministic: no timestamps, NaN
 written as ``null`` in JSON and ``n/a`` in tables, PNGs saved without creation dates.
 """
 
@@ -160,7 +160,7 @@ def _cells(block: dict, errors: dict, cols) -> list[str]:
 
 
 def eval_markdown(summary: dict) -> str:
-    """eval.md from the eval.json structure written by ``runner.eval_matrix``."""
+    """eval.md from the eval.json structure written by :func:`.matrix.eval_matrix`."""
     results = summary.get("results", [])
     mean_abl = bool(summary.get("mean_ablation"))
     out = ["# SAE evaluation", ""] + _intro(summary)

@@ -184,7 +184,7 @@ def build_feature_store(saes: SAESet, data: HeldoutData, out: str | Path, *, n_t
                             f"(--data).")
     if data.from_cache:
         n_tokens = max(int(ds.input_ids.numel()) for ds in sets)
-    ctx = cfg.context_size
+    ctx = max(int(ds.input_ids.shape[1]) for ds in sets)
     entries = list(saes)
     model_bytes = sum(p.numel() * p.element_size() for p in net.parameters())
     vocab = int(net.get_output_embeddings().weight.shape[0]) if net.get_output_embeddings() is not None else 0
