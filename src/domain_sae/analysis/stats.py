@@ -32,7 +32,9 @@ Is this a difference (:func:`difference_test`)
 
     The second condition is the study's rule that a difference must exceed the seed-to-seed spread itself. Adding
     both document variances ignores that two conditions scored on the same documents err together, so it is
-    conservative; pass ``doc_se_diff`` (the paired per-document se of A - B) when it is known.
+    conservative; pass ``doc_se_diff`` (the paired per-document se of A - B) when it is known. Where the
+    per-document sums of both conditions are at hand, :func:`.paired.paired_bootstrap` is the paired test (one
+    document draw for both, seeds resampled first) and :func:`.paired.paired_gap_closed` the paired gap fraction.
 
 Gap closed
     With G the general SAE, S the domain SAE from scratch and F a fine-tuned SAE, all at the same L0 on the domain's
