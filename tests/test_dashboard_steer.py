@@ -20,7 +20,7 @@ from domain_sae.dashboard.app import create_app
 from domain_sae.dashboard.worker import INTERACTIVE
 from domain_sae.features.prompt import PromptError, ablation_effects, analyse_prompt, tokenize_prompt
 from domain_sae.features.queries import FeatureStore
-from domain_sae.features.steer import steer_latent, steer_steps
+from domain_sae.features.steer import continuation_prompt, steer_latent, steer_steps
 from domain_sae.models.hooks import resolve_hook
 
 TEXT = "Hello there! How are you doing today?"
@@ -156,3 +156,21 @@ def test_steer_job_cancelled_by_id_and_superseded(env):
         j = wait_job(c.get, job)
         assert j["status"] == status, (job, j)
     assert wait_job(c.get, first)["done"] == 0 and wait_job(c.get, third)["done"] > 0
+
+
+def test_a_chat_prompt_is_continued_as_the_assistant(env):
+    """A chat ending with a user message gets the generation prompt (the assistant's header); one ending with an
+    assistant message is continued inside it (no end-of-turn before the continuation)."""
+    tok = env["lm"].tokenizer
+    ask = [{"role": "user", "content": "Add two numbers?"}]
+    ids, segs = tokenize_prompt(tok, messages=ask)
+    gen, gsegs = continuation_prompt(tok, ids, segs, ask)
+    assert gen[:len(ids)] == ids and tok.decode(gen).endswith("<|im_end|>\n<|im_start|>assistant\n")
+    assert tok.decode(gen) == tok.apply_chat_template(ask, tokenize=False, add_generation_prompt=True)
+    assert set(gsegs[len(ids):]) <= {0, 4}
+    reply = ask + [{"role": "assistant", "content": "def add(a, b):"}]
+    ids, segs = tokenize_prompt(tok, messages=reply)
+    cont, _ = continuation_prompt(tok, ids, segs, reply)
+    assert tok.decode(cont).endswith("<|im_start|>assistant\ndef add(a, b):") and cont == ids[:len(cont)]
+    r = env["c"].post("/api/steer", json={"messages": ask, "latent": env["latent"], "max_new_tokens": 2})
+    assert wait_job(env["c"].get, r.json()["job"])["result"]["prompt_tokens"] == len(gen)

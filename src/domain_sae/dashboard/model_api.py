@@ -36,7 +36,7 @@ from ..features.prompt import (
     tokenize_prompt,
 )
 from ..features.queries import FeatureStore, NotFound
-from ..features.steer import MAX_NEW_TOKENS, MAX_STRENGTH, MODES, steer_steps
+from ..features.steer import MAX_NEW_TOKENS, MAX_STRENGTH, MODES, continuation_prompt, steer_steps
 from .pages import _clean
 from .requests import choice_of, latent_of, number_of, parse_body, prompt_of, sae_of
 from .worker import BACKGROUND, INTERACTIVE, ModelWorker, Task
@@ -135,7 +135,7 @@ def add_model_routes(app: FastAPI, store: FeatureStore, models: Models, worker: 
         def steps(task: Task):
             lm, sae, _ = models.get(info["label"])
             unit = store.feature(info["label"], latent)["max_act"] or 0.0
-            ids, segs = tokens(lm, text, messages)
+            ids, segs = continuation_prompt(lm.tokenizer, *tokens(lm, text, messages), messages)
             yield INTERACTIVE
             res = yield from steer_steps(lm, sae, info["hook"], ids, segs, latent, mode=mode, strength=strength,
                                          unit=unit, max_new_tokens=n_new, check=task.check, tick=task.advance)

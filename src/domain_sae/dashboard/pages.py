@@ -14,8 +14,11 @@ from typing import Any
 PAGES = {"list": "Features", "feature": "Feature", "prompt": "Prompt", "compare": "Compare"}
 ASSETS = ("app.js", "panels.js", "style.css")
 ICON = '<link rel="icon" href="data:,">'
-CSP = ("default-src 'self'; script-src 'self'; style-src 'self'; img-src 'self' data:; connect-src 'self'; "
-       "object-src 'none'; base-uri 'none'; frame-ancestors 'none'")
+#: The policy in the pages' <meta> (also when opened from disk); the server's header adds frame-ancestors, which
+#: a browser only takes from a header (in a <meta> it logs an error).
+META_CSP = ("default-src 'self'; script-src 'self'; style-src 'self'; img-src 'self' data:; connect-src 'self'; "
+            "object-src 'none'; base-uri 'none'")
+CSP = META_CSP + "; frame-ancestors 'none'"
 
 
 def asset_bytes(name: str) -> bytes | None:
@@ -54,7 +57,7 @@ def render_page(page: str, *, root: str = "/", mode: str = "server", params: dic
     nav = " ".join(f'<a href="{html.escape(href)}">{label}</a>' for href, label in _nav(root, mode))
     name = html.escape(f"{PAGES.get(page, page)}{' · ' + title if title else ''} — domain-sae")
     return (f'<!doctype html>\n<html lang="en"><head><meta charset="utf-8">\n'
-            f'<meta http-equiv="Content-Security-Policy" content="{CSP}">\n'
+            f'<meta http-equiv="Content-Security-Policy" content="{META_CSP}">\n'
             f'<meta name="viewport" content="width=device-width, initial-scale=1">\n<title>{name}</title>\n{ICON}\n'
             f'<link rel="stylesheet" href="{root}assets/style.css"></head>\n<body {attr_s}>\n'
             f'<nav class="top"><span class="brand">domain-sae features</span> {nav}</nav>\n'

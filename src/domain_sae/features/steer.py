@@ -9,6 +9,10 @@ all its datasets), at strength s (in units of u):
   position (:func:`.prompt.sae_codes`): the SAE's reconstruction with latent i set to s u, its error term and every
   other latent left as they are (s = 0 ablates the latent, as the prompt page's ablation column does).
 
+The prompt to continue is the text, or a chat exchange as the prompt page renders it (:func:`continuation_prompt`):
+one ending with a user or system message gets the chat template's generation prompt (the assistant's header), one
+ending with an assistant message is continued (its end-of-turn tokens dropped).
+
 Reported: the greedy continuation of the prompt without and with the intervention (``max_new_tokens`` each,
 KV-cached: :func:`~domain_sae.analysis.steering.generate_with_patch`, exact here because both patches act on each
 position on its own), and the mean next-token cross-entropy on the prompt, clean and steered, and their difference
@@ -25,6 +29,8 @@ from typing import Any
 import torch
 
 from ..analysis.steering import generate_with_patch, latent_direction, next_token_ce, steer_patch
+from ..data.formatting import special_token_ids
+from ..data.segments import SPECIAL, TEMPLATE
 from ..models.hooks import resolve_hook
 from .detok import token_texts
 from .prompt import PromptError, sae_codes
@@ -58,6 +64,28 @@ def latent_patch(sae: Any, latent: int, mode: str, strength: float, unit: float)
     if mode == "add":
         return steer_patch(latent_direction(sae, latent), value, "add")
     return clamp_patch(sae, latent, value)
+
+
+def continuation_prompt(tokenizer, ids: list[int], segs: list[int], messages: list[dict] | None
+                        ) -> tuple[list[int], list[int]]:
+    """The tokens to continue (module docstring): ``ids``/``segs`` of the tokenized prompt, with a chat exchange's
+    generation prompt appended (its tokens labelled SPECIAL or TEMPLATE) or its trailing end-of-turn dropped."""
+    if not messages:
+        return ids, segs
+    if messages[-1]["role"] == "assistant":
+        n = len(ids)
+        while n > 1 and segs[n - 1] in (SPECIAL, TEMPLATE):
+            n -= 1
+        return ids[:n], segs[:n]
+    if not getattr(tokenizer, "chat_template", None):
+        return ids, segs
+    plain = tokenizer.apply_chat_template(messages, tokenize=False)
+    full = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    if not full.startswith(plain) or len(full) == len(plain):
+        return ids, segs
+    extra = tokenizer(full[len(plain):], add_special_tokens=False)["input_ids"]
+    special = special_token_ids(tokenizer)
+    return ids + list(extra), segs + [SPECIAL if t in special else TEMPLATE for t in extra]
 
 
 def _checked(patch: PatchFn | None, check: Callable[[], None] | None, tick: Callable[[], None] | None) -> PatchFn:

@@ -167,7 +167,7 @@
     saeSel.addEventListener("change", () => { state.sae = saeSel.value; state.page = 0; load(); });
     sort.addEventListener("change", () => { state.sort = sort.value; state.page = 0; load(); });
     order.addEventListener("change", () => { state.order = order.value; state.page = 0; load(); });
-    load();
+    await load();
   }
   function localList(state) {  /* the export's client-side version of /api/features */
     const sae = EMBED.store.saes.find(s => s.label === state.sae);
@@ -350,12 +350,13 @@
         app.appendChild(table(["latent", "cosine to parent"], c.rotated.map(r => [featureLink(child, cid, r.latent), num(r.cosine, 3)]), { id: "rotated" }));
       } else app.appendChild(el("p", { class: "muted", id: "rotated", text: "Neither SAE was fine-tuned from the other (no lineage in their metadata)." }));
     };
-    load();
+    await load();
   }
 
   window.dsae = { MODE, ROOT, el, fmt, num, api, showError, featureLink, renderTokens, visibleText, promptBody, kindSelect, pollJob, panels: null };
   const pages = { list: pageList, feature: pageFeature, prompt: pagePrompt, compare: pageCompare };
   document.addEventListener("DOMContentLoaded", () => {
-    (pages[PAGE] || pageList)().catch(e => { app.textContent = ""; showError(app, e); });
+    (pages[PAGE] || pageList)().catch(e => { app.textContent = ""; showError(app, e); })
+      .finally(() => { B.dataset.ready = "1"; });  /* drawn (tests wait for body[data-ready]) */
   });
 })();
