@@ -243,3 +243,36 @@ def test_refuses_unpaired_inputs_and_round_trips_to_disk(data, tmp_path):
     assert ("metrics/ce_loss_score", 100, 0) in a.replicates and ("metrics/ce_loss_score", 100, 0) in back.replicates
     fresh = DocStats(a.doc_ids, a.sums)
     assert paired_replicates(fresh, b, n_boot=100)[1] == pytest.approx(paired_replicates(a, b, n_boot=100)[1])
+
+
+def test_from_an_evaluation_point_values_and_replicates_are_the_evaluations():
+    """DocStats from evaluate_saes_on_tokens (tiny model, two SAEs, documents spanning sequences): its point metrics
+    are the evaluation's, and its bootstrap replicates under the same weights give the evaluation's own error bars."""
+    from conftest import make_tiny_model
+    from test_eval_lm import HOOK, VOCAB, random_sae
+
+    from domain_sae.analysis.docstats import metric_function, side_values
+    from domain_sae.evaluation.lm_metrics import evaluate_saes_on_tokens
+
+    model = make_tiny_model("llama", vocab_size=VOCAB, d_model=32)
+    g = torch.Generator().manual_seed(1)
+    ids = torch.randint(1, VOCAB, (8, 12), generator=g)
+    segs = torch.full((8, 12), 1, dtype=torch.int8)
+    segs[:, 0] = 0                                                   # BOS (special)
+    docs = torch.tensor([[10] * 12, [11] * 6 + [12] * 6, [13] * 12, [12] * 12, [14] * 12, [15] * 12, [16] * 12,
+                         [17] * 12])
+    docs[:, 0] = -1
+    n_boot, seed = 50, 7
+    res = evaluate_saes_on_tokens({"a": random_sae(seed=3), "b": random_sae(seed=4)}, model, HOOK, ids, segs,
+                                  doc_ids=docs, n_bootstrap=n_boot, bootstrap_seed=seed)
+    a, b = DocStats.from_result(res["a"]), DocStats.from_result(res["b"])
+    assert a.doc_ids.tolist() == list(range(10, 18))
+    for m in ("metrics/ce_loss_score", "metrics/explained_variance", "metrics/kl_div_score"):
+        d = paired_bootstrap(a, b, m, n_boot=n_boot, seed=seed)
+        assert d.a == pytest.approx(res["a"].metrics[m], rel=1e-9) and d.b == pytest.approx(res["b"].metrics[m],
+                                                                                            rel=1e-9)
+        fn, group = metric_function(m)
+        reps = side_values(a, fn, group, bootstrap_weights(a.n_docs, n_boot, seed)).numpy()
+        assert np.std(reps, ddof=1) == pytest.approx(res["a"].errors["overall"][m]["se"], rel=1e-9)
+    with pytest.raises(AnalysisError, match="no per-document sums"):
+        DocStats.from_result(type(res["a"])(metrics={}))

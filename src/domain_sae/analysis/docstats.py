@@ -18,7 +18,8 @@ Per-document sufficient statistics (:class:`DocStats`)
     :func:`..evaluation.uncertainty.reconstruction_from_totals`), e.g. CE-loss score = (Σ ce_zero - Σ ce_sae) /
     (Σ ce_zero - Σ ce_clean) and EV = 1 - Σ e / (Σ v - ||Σ dx||² / Σ n). Ratio metrics are recomputed from the
     resampled sums, never averaged over documents. :meth:`DocStats.from_evaluation` takes the evaluation's
-    per-document sums (``DocumentSums.sums``) of one SAE; :meth:`DocStats.save` / :meth:`DocStats.load` keep them
+    per-document sums (``DocumentSums.sums``) of one SAE, :meth:`DocStats.from_result` those an
+    ``SAEResult`` carries (``documents``); :meth:`DocStats.save` / :meth:`DocStats.load` keep them
     in one ``.npz`` beside a run's evaluation (a study is resumable). Replicates of a named metric are cached per
     DocStats and (metric, R, seed), since a study compares one SAE with many.
 
@@ -45,6 +46,7 @@ import torch
 from torch import Tensor
 
 from ..evaluation.lm_metrics import CLEAN, MEAN, ZERO, Condition, lm_from_totals
+from ..evaluation.positions import OVERALL
 from ..evaluation.uncertainty import SumKey, reconstruction_from_totals
 from ..util.atomic import atomic_write_bytes
 from .errors import AnalysisError
@@ -113,6 +115,16 @@ class DocStats:
                                     f"documents; pass the doc_ids the evaluation clustered on")
             trimmed[k] = v[:ids.size]
         return cls(ids, trimmed)
+
+    @classmethod
+    def from_result(cls, result) -> "DocStats":
+        """:meth:`from_evaluation` of an :class:`..evaluation.lm_metrics.SAEResult`'s ``documents`` (its per-document
+        sums of the headline group)."""
+        doc = result.documents
+        if not doc:
+            raise AnalysisError("this evaluation result carries no per-document sums (results of "
+                                "evaluate_saes_on_tokens do); evaluate the SAE on the held-out tokens again")
+        return cls.from_evaluation(doc["lm"], doc["rec"], doc_ids=doc["doc_ids"], sae=doc["sae"], group=OVERALL)
 
     def save(self, path: str | Path) -> None:
         """Write to one ``.npz`` file (atomically): ``doc_ids``, the keys as JSON and one array per key."""

@@ -79,7 +79,10 @@ class SAEResult:
     """Evaluation of one SAE on one token set: ``metrics`` (flat, SPEC names, headline = content tokens),
     ``segments`` (the same keys per segment name, plus ``all_tokens``), ``errors`` ({group: {metric: {"se",
     "ci95_low", "ci95_high"}}}, empty without bootstrap), ``log10_feature_density`` (float64 [d_sae]),
-    ``tokens`` (counts) and ``splice`` (see :func:`splice_description`)."""
+    ``tokens`` (counts), ``splice`` (see :func:`splice_description`) and ``documents``: this SAE's per-document
+    sums of the headline group, ``{"doc_ids": [D], "sae": its Condition, "lm": {SumKey: [D]}, "rec": {SumKey:
+    [D, ...]}}`` (rows in ``doc_ids`` order, no fire table; the input of paired statistics,
+    ``analysis.docstats.DocStats.from_result``)."""
 
     metrics: dict[str, float]
     segments: dict[str, dict[str, float]] = field(default_factory=dict)
@@ -87,6 +90,7 @@ class SAEResult:
     tokens: dict[str, int] = field(default_factory=dict)
     errors: dict[str, dict[str, dict[str, float]]] = field(default_factory=dict)
     splice: str = "training_mask"
+    documents: dict = field(default_factory=dict)
 
 
 def _ratio(num: Tensor, den: Tensor) -> Tensor:
@@ -264,20 +268,31 @@ def evaluate_saes_on_tokens(saes: Mapping[str, Any], lm: Any, hook: Any, input_i
             add_terms(MEAN, *clean.terms(patched(means[ALL_TOKENS])))
 
     extra = (token_counts(segs), splice_description(splice_all_positions, exclude_special))
-    return results_of(recon, lm_sums, conds, mean_ablation, n_docs, n_bootstrap, bootstrap_seed, *extra)
+    return results_of(recon, lm_sums, conds, mean_ablation, n_docs, n_bootstrap, bootstrap_seed, *extra,
+                      doc_ids=torch.unique(docs[docs >= 0]))
 
 
 def results_of(recon: Mapping[str, ReconstructionSums], lm_sums: DocumentSums, conds: Mapping[str, Condition],
                mean_ablation: bool, n_docs: int, n_bootstrap: int, bootstrap_seed: int, counts: dict,
-               splice: str) -> dict[str, SAEResult]:
-    """label -> :class:`SAEResult` from the sums of the pass (``lm_sums`` empty: reconstruction metrics only)."""
+               splice: str, doc_ids: Optional[Tensor] = None) -> dict[str, SAEResult]:
+    """label -> :class:`SAEResult` from the sums of the pass (``lm_sums`` empty: reconstruction metrics only);
+    with ``doc_ids`` (the sorted ids of the clusters) each result carries its per-document sums."""
     weights = None
     if n_bootstrap > 0:  # the extra zero column is the cluster of inserted BOS / padding (never counted)
         weights = torch.cat([bootstrap_weights(n_docs, n_bootstrap, bootstrap_seed),
                              torch.zeros(n_bootstrap, 1, dtype=torch.float64)], 1)
     lm_reps = lm_sums.totals(weights) if weights is not None else None
-    return {label: _result(r.accs, r.docs, lm_sums, lm_reps, weights, conds[label], mean_ablation, counts, splice)
-            for label, r in recon.items()}
+    out = {label: _result(r.accs, r.docs, lm_sums, lm_reps, weights, conds[label], mean_ablation, counts, splice)
+           for label, r in recon.items()}
+    if doc_ids is not None:
+        d, keep = len(doc_ids), (None, CLEAN, ZERO, MEAN)
+        for label, res in out.items():
+            res.documents = {"doc_ids": doc_ids, "sae": conds[label],
+                             "lm": {k: v[:d] for k, v in lm_sums.sums.items()
+                                    if k.group == OVERALL and k.condition in keep + (conds[label],)},
+                             "rec": {k: v[:d] for k, v in recon[label].docs.sums.items()
+                                     if k.group == OVERALL and k.stat != "fires"}}
+    return out
 
 
 def _result(accs, rec_sums: DocumentSums, lm_sums: DocumentSums, lm_reps, weights, cond: Condition,
