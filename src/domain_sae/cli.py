@@ -9,6 +9,7 @@
     dsae features SAE_DIR [SAE_DIR ...] --data chat --data code [--tokens N] --out STORE
     dsae dashboard STORE [--port 8000] [--host 127.0.0.1] [--export DIR]
     dsae cache    --model M --hook H [--hook H2] --data chat --tokens N --out DIR [--dtype float32|bfloat16]
+    dsae export   neuronpedia STORE OUT | saebench EVAL_JSON OUT     (docs/exports.md)
 """
 
 from __future__ import annotations
@@ -99,6 +100,9 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--activations", action="append", dest="caches", metavar="CACHE", default=None,
                     help="Held-out activation cache (repeatable; one dataset each; dsae cache --split heldout): "
                          "reconstruction metrics without running the model (no CE/KL).")
+    ev.add_argument("--format", dest="output_format", choices=["dsae", "saebench"], default="dsae",
+                    help="saebench: after eval.json, also write SAEBench core-eval JSON files to OUT/saebench/core "
+                         "(docs/exports.md). Default dsae (eval.json, eval.md and plots only).")
 
     cmp_ = sub.add_parser("compare", help="Run the domain-adaptation study described by a config file.")
     cmp_.add_argument("study_config", help="Study config (YAML/TOML), e.g. configs/study_demo.yaml.")
@@ -110,6 +114,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     _feature_parsers(sub)
     _cache_parser(sub)
+    _export_parsers(sub)
 
     opts = sub.add_parser("options", help="Print the option reference as Markdown.",
                           description="Print the options of a config file (train, eval or study) as a Markdown "
@@ -177,6 +182,53 @@ def _cache_parser(sub) -> None:
                     help="train (default: for dsae train --activations) or heldout (the evaluation's held-out "
                          "sample of --tokens tokens, for dsae eval / dsae features --activations).")
     C.add_arguments(ca, C.DataConfig, skip=("hook",))
+
+
+def _export_parsers(sub) -> None:
+    ex = sub.add_parser("export", help="Write a feature store or an eval.json in the format Neuronpedia or SAEBench "
+                                       "reads.", description="Exports for other tools (docs/exports.md).")
+    kinds = ex.add_subparsers(dest="export_kind", required=True, help="neuronpedia: a feature store's latents; "
+                                                                      "saebench: an eval.json's core metrics.")
+    npd = kinds.add_parser("neuronpedia", help="Neuronpedia upload files (feature upload-batch bodies) of a store.",
+                           description="One JSON request body of Neuronpedia's POST /api/feature/upload-batch per "
+                                       "128 latents, per SAE of the store, and a manifest.")
+    npd.add_argument("store", metavar="STORE", help="Feature store made by `dsae features`.")
+    npd.add_argument("out", metavar="OUT", help="Directory to write (must not exist, or be an earlier export "
+                                                "with --overwrite).")
+    npd.add_argument("--sae", action="append", dest="saes", metavar="LABEL", default=None,
+                     help="SAE of the store to export (label or id; repeatable). Default: all.")
+    npd.add_argument("--model-id", default=None, help="Neuronpedia's model id (default: the store's model name).")
+    npd.add_argument("--source", default=None, help="Neuronpedia source id, LAYER-SET (one SAE only; default: "
+                                                    "layer of the hook and the SAE label).")
+    npd.add_argument("--overwrite", action="store_true", help="Replace an earlier Neuronpedia export at OUT.")
+    sb = kinds.add_parser("saebench", help="SAEBench core-eval JSON files of an eval.json.",
+                          description="One SAEBench core-eval result per (SAE, dataset) of eval.json, in OUT/core/.")
+    sb.add_argument("eval_json", metavar="EVAL_JSON", help="eval.json written by `dsae eval` (or its directory).")
+    sb.add_argument("out", metavar="OUT", help="Directory to write (must not exist, or be an earlier export with "
+                                               "--overwrite).")
+    sb.add_argument("--overwrite", action="store_true", help="Replace an earlier SAEBench export at OUT.")
+
+
+def cmd_export(ns) -> int:
+    if ns.export_kind == "neuronpedia":
+        from .features.neuronpedia import export_neuronpedia
+        man = export_neuronpedia(ns.store, Path(ns.out), saes=ns.saes, model_id=ns.model_id, source=ns.source,
+                                 overwrite=ns.overwrite)
+        for s in man["sources"]:
+            print(f"{s['sae']}: {s['features']} latents in {len(s['files'])} file(s) under {Path(ns.out) / s['source']}"
+                  f" (modelId {man['modelId']}, source {s['source']}; {len(s['left_out_never_fired'])} never-fired "
+                  f"latents left out)")
+        return 0
+    from .evaluation.saebench import write_saebench
+    files = write_saebench(Path(ns.eval_json), Path(ns.out), overwrite=ns.overwrite)
+    print(f"Wrote {len(files)} SAEBench core result(s) to {Path(ns.out) / 'core'}")
+    return 0
+
+
+def _write_saebench_of_eval(out: Path) -> None:
+    from .evaluation.saebench import write_saebench
+    files = write_saebench(out / "eval.json", out / "saebench", overwrite=True)
+    print(f"Wrote {len(files)} SAEBench core result(s) to {out / 'saebench' / 'core'}")
 
 
 def cmd_cache(ns) -> int:
@@ -288,6 +340,8 @@ def cmd_eval(ns) -> int:
     eval_matrix(SAESet.load(ns.saes), data, cfg, out_dir=out)
     print(f"Wrote {out / 'eval.json'}, {out / 'eval.md'} and heatmaps in {out}"
           + (" (reconstruction metrics only)" if data.from_cache else ""))
+    if ns.output_format == "saebench":
+        _write_saebench_of_eval(out)
     return 0
 
 
@@ -354,7 +408,7 @@ def cmd_options(ns) -> int:
 
 COMMANDS = {"train": cmd_train, "finetune": cmd_finetune, "eval": cmd_eval, "compare": cmd_compare,
             "demo": cmd_demo, "options": cmd_options, "features": cmd_features, "dashboard": cmd_dashboard,
-            "cache": cmd_cache}
+            "cache": cmd_cache, "export": cmd_export}
 
 
 def main(argv: Optional[list[str]] = None) -> int:

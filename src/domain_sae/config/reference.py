@@ -92,6 +92,8 @@ def cli_reference_markdown(parser: argparse.ArgumentParser, config_classes: Iter
              "[config files](#config-files)", ""]
     for name, sub, summary in commands:
         lines += command_markdown(name, sub, summary)
+        for sub_name, nested, nested_summary in _subcommands(sub):  # e.g. dsae export neuronpedia
+            lines += command_markdown(f"{name} {sub_name}", nested, nested_summary)
     lines += ["## Config files", "",
               "The keys a config file may hold (YAML or TOML), with their types and defaults; `null` means unset.", ""]
     for title, cls in config_classes:

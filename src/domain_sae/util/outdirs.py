@@ -19,10 +19,12 @@ from __future__ import annotations
 import json
 import re
 import shutil
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Optional
+from typing import Iterator, Optional
 
 from ..errors import UserError
+from .atomic import atomic_directory
 from .jsonsafe import write_json
 
 MARKER = ".domain-sae.json"
@@ -32,7 +34,8 @@ RECOGNISED = {"run": ("training_config.json", None, ""), "eval": ("eval.json", "
               "study": ("results.json", "schema", "domain-sae/study-results"),
               "activation-cache": ("manifest.json", "format", "domain-sae-activation-cache")}
 DESCRIPTIONS = {"run": "training run", "eval": "evaluation output", "study": "study output",
-                "activation-cache": "activation cache"}
+                "activation-cache": "activation cache", "neuronpedia-export": "Neuronpedia export",
+                "saebench-export": "SAEBench export"}
 
 _UNSAFE = re.compile(r'[/\\<>:"|?*\x00-\x1f\x7f]')
 
@@ -141,3 +144,17 @@ def prepare_output_dir(path: str | Path, kind: str, *, overwrite: bool = False, 
     p.mkdir(parents=True, exist_ok=True)
     write_marker(p, kind)
     return p
+
+
+@contextmanager
+def new_output_dir(path: str | Path, kind: str, *, overwrite: bool = False, option: str = "OUT") -> Iterator[Path]:
+    """Write a whole output directory of ``kind`` at once: refuse what :func:`check_output_dir` refuses, and an
+    earlier output of this kind unless ``overwrite``; yield a temporary directory (marker already written) that
+    replaces ``path`` when the block ends without an exception (:func:`~.atomic.atomic_directory`), so ``path``
+    is never left half written."""
+    if check_output_dir(path, kind, overwrite=overwrite, option=option) == "ours" and not overwrite:
+        raise OutputDirError(f"{path} ({option}) already holds a domain-sae {_describe(kind)}; pass --overwrite to "
+                             f"replace it, or choose another directory.")
+    with atomic_directory(path) as tmp:
+        write_marker(tmp, kind)
+        yield tmp
