@@ -41,8 +41,8 @@ class ArchitectureConfig:
         "auto (TopK family sparse from the start; ReLU sparse while its density is below "
         "sparse_density_threshold; JumpReLU dense).", group="architecture")
     sparse_density_threshold: float = opt(0.05, "kernels=auto: a ReLU SAE uses the sparse kernels while the "
-                                          "fraction of non-zero latents, measured every 25 steps, is below this.",
-                                          group="architecture")
+                                          "fraction of non-zero latents (measured every step on CPU, every 25 "
+                                          "on a GPU) is below this.", group="architecture")
 
     def architecture_problems(self) -> list[str]:
         """Messages for values that cannot work (TrainConfig.validate raises them as ConfigError)."""
