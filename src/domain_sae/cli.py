@@ -151,15 +151,19 @@ def _feature_parsers(sub) -> None:
                         help=f"(default {f.default})")
     da = sub.add_parser("dashboard", help="Serve the feature dashboard for a store (or export it as static files).")
     da.add_argument("store", help="Feature store made by `dsae features`.")
-    da.add_argument("--port", type=int, default=8000)
+    da.add_argument("--port", type=int, default=8000, help="Port (default 8000).")
     da.add_argument("--host", default="127.0.0.1", help="Address to bind (default 127.0.0.1; others warn).")
     da.add_argument("--export", metavar="DIR", default=None, help="Write static pages to DIR instead of serving.")
     da.add_argument("--export-latents", type=int, default=None, help="Export only the first N latents per SAE.")
-    da.add_argument("--no-model", action="store_true", help="Do not load the model (the prompt page is disabled).")
+    da.add_argument("--no-model", action="store_true",
+                    help="Do not load the model (the prompt page, steering and live tests are disabled).")
     da.add_argument("--ablation-latents", type=int, default=128, metavar="N",
                     help="Prompt page: latents whose exact ablation loss change is computed (one batched forward "
                          "each; the best-ranked candidates first). Default 128.")
-    da.add_argument("--device", default="cpu")
+    da.add_argument("--ablation-batch", type=int, default=16, metavar="N",
+                    help="Prompt page: latents ablated per batched forward; a newer prompt, a steering request or a "
+                         "live test waits for at most one such batch. Default 16.")
+    da.add_argument("--device", default="cpu", help="Device of the model and SAEs (default cpu).")
 
 
 def _cache_parser(sub) -> None:
@@ -269,10 +273,11 @@ def cmd_dashboard(ns) -> int:
     if ns.export:
         serve.export(ns.store, ns.export, ns.export_latents)
         return 0
-    if ns.ablation_latents < 1:
-        raise C.ConfigError(f"--ablation-latents must be at least 1 (got {ns.ablation_latents}).")
+    for flag, value in (("--ablation-latents", ns.ablation_latents), ("--ablation-batch", ns.ablation_batch)):
+        if value < 1:
+            raise C.ConfigError(f"{flag} must be at least 1 (got {value}).")
     serve.serve(ns.store, host=ns.host, port=ns.port, device=ns.device, load_model=not ns.no_model,
-                max_candidates=ns.ablation_latents)
+                max_candidates=ns.ablation_latents, ablation_batch=ns.ablation_batch)
     return 0
 
 

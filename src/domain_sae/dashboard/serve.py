@@ -9,14 +9,16 @@ LOCAL_HOSTS = ("127.0.0.1", "localhost", "::1")
 
 
 def serve(store: str | Path, *, host: str = "127.0.0.1", port: int = 8000, device: str = "cpu",
-          load_model: bool = True, max_candidates: int = 128) -> None:
+          load_model: bool = True, max_candidates: int = 128, ablation_batch: int = 16) -> None:
     import uvicorn
 
     from .app import create_app
     if host not in LOCAL_HOSTS:
         print(f"warning: binding to {host}: anyone who can reach this machine on port {port} can read the store and "
-              f"run prompts through the model. Use --host 127.0.0.1 to keep it local.", file=sys.stderr)
-    app = create_app(store, device=device, load_model=load_model, max_candidates=max_candidates)
+              f"run prompts, steering and live tests through the model. Use --host 127.0.0.1 to keep it local.",
+              file=sys.stderr)
+    app = create_app(store, device=device, load_model=load_model, max_candidates=max_candidates,
+                     ablation_batch=ablation_batch)
     print(f"Serving {store} on http://{'[' + host + ']' if ':' in host else host}:{port}/ (Ctrl-C to stop)",
           file=sys.stderr, flush=True)
     uvicorn.run(app, host=host, port=port, log_level="warning")
