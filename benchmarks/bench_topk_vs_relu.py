@@ -29,11 +29,10 @@ from domain_sae.runs import single as pipeline  # noqa: E402
 from domain_sae.activations.hook_cache import build_cache  # noqa: E402
 from domain_sae.analysis.stats import ExtrapolationError, Frontier  # noqa: E402
 from domain_sae.config import TrainConfig, build_config  # noqa: E402
-from domain_sae.data.token_stream import heldout_batch  # noqa: E402
-from domain_sae.models.hooks import resolve_hook  # noqa: E402
+from domain_sae.activations.heldout_cache import open_heldout_cache  # noqa: E402
 from domain_sae.study.config import study_schedule  # noqa: E402
-from domain_sae.study.full_measure import recon_with_se  # noqa: E402
-from domain_sae.study.inputs import heldout_activations  # noqa: E402
+from domain_sae.study.inputs import HeldoutActivations  # noqa: E402
+from domain_sae.study.measure import recon_with_se  # noqa: E402
 
 
 def main(argv=None) -> dict:
@@ -61,8 +60,8 @@ def main(argv=None) -> dict:
     lm = pipeline.load_lm(cfg)
     t0 = time.perf_counter()
     cache = build_cache(lm, [a.hook], cfg, work / "cache", a.tokens + 4 * cfg.train_batch_size_tokens)
-    ids, segs = heldout_batch(cfg, lm.tokenizer, a.heldout)
-    held = heldout_activations(lm, resolve_hook(lm.model, a.hook), ids, segs)
+    held = HeldoutActivations.of_cache(open_heldout_cache(
+        build_cache(lm, [a.hook], cfg, work / "heldout", a.heldout, split="heldout"), a.hook))
     rows = []
     for arch, values in (("standard", a.l1), ("topk", a.k)):
         for v in values:

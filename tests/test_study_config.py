@@ -1,7 +1,9 @@
-"""Study options, the plan/time estimate, and the study's inputs (mixture source, held-out mix, prompt files)."""
+"""Study options, the runs as data (plan, parents, names, eval sets, cache sizes), the plan's estimate, the
+activation sources (exact general shares, continued runs start after the general SAE's positions) and prompts."""
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 import pytest
@@ -9,50 +11,73 @@ import torch
 
 from domain_sae.activations.mixture import MixtureSource, split_evenly
 from domain_sae.config import ConfigError
-from domain_sae.study.config import StudyConfig, load_study_config
-from domain_sae.study.inputs import _read_prompts
-from domain_sae.study.plan import (ASSUMED, Throughput, cache_tokens_per_domain, estimate_minutes, format_plan,
-                                   n_overlap_pairs, study_plan)
+from domain_sae.data.mixture import weighted_shares
+from domain_sae.study.config import CONDITIONS, StudyConfig, load_study_config
+from domain_sae.study.inputs import _read_prompts, probe_kind
+from domain_sae.study.plan import estimate, estimate_minutes, format_plan
+from domain_sae.study.runs import (KINDS, Run, _refills, cache_tokens, eval_sets, general_parts, main_runs,
+                                   plan_runs, wants_lm)
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
+
+
+def _cfg(**kw) -> StudyConfig:
+    values = dict(domains={"chat": "chat", "code": "code"}, train_batch_size_tokens=128, buffer_size_tokens=512,
+                  general_tokens=512, scratch_tokens=512, budgets=[128, 256], seeds=[1, 2], control_seed=None,
+                  sparsity=[0.5, 2.0], residual_tokens=256, conditions=list(CONDITIONS))
+    values.update(kw)
+    return StudyConfig(**values).validate()
 
 
 # ----------------------------------------------------------------------------------------------------------------
 # config
 
 def test_bundled_configs_load_and_fit_their_budgets():
-    demo = load_study_config(CONFIGS / "study_demo.yaml")
-    quick = load_study_config(CONFIGS / "study_quick.yaml")
-    assert demo.domains == {"chat": "chat", "code": "code"}
-    assert demo.finetune_tokens < demo.scratch_tokens
-    # `dsae demo` must finish within 30 minutes on 2 cores, `--quick` in about 5 (assumed throughputs)
-    assert estimate_minutes(demo) < 25
-    assert estimate_minutes(quick) < 6
+    demo, quick, full = (load_study_config(CONFIGS / f"study_{n}.yaml") for n in ("demo", "quick", "full"))
+    assert demo.domains == {"chat": "chat", "code": "code"} and demo.headline < demo.scratch_tokens
+    assert estimate_minutes(demo) < 15 and estimate_minutes(quick) < 6  # `dsae demo` within 15 min on 2 cores
+    assert full.sparsity_knob == "k" and len(full.hooks) == 2 and full.seeds == [42, 43, 44]
+    for name in ("small", "large"):
+        load_study_config(CONFIGS / f"study_{name}.yaml")
 
 
-def test_defaults_are_valid_and_name_the_saes():
-    cfg = StudyConfig().validate()
-    assert cfg.sae_names() == ["general", "general (seed 2)", "chat scratch", "code scratch", "general→chat",
-                               "general→code"]
+def test_every_option_of_a_bundled_config_is_an_option():
+    """No option is inherited unused: every StudyConfig field is read by the engine (checked by name in the study
+    package's source, outside config.py's own declaration)."""
+    src = "".join(p.read_text() for p in (Path(__file__).resolve().parents[1] / "src/domain_sae/study").glob("*.py")
+                  if p.name != "config.py")
+    own = (Path(__file__).resolve().parents[1] / "src/domain_sae/study/config.py").read_text()
+    body = own.split("# -- derived", 1)[1]
+    unread = [f for f in StudyConfig.__dataclass_fields__
+              if not any(f"{o}.{f}" in src for o in ("cfg", "c")) and f"self.{f}" not in body
+              and f"cfg['{f}']" not in src and f'"{f}"' not in src]
+    assert unread == []
 
 
 @pytest.mark.parametrize("values, match", [
-    ({"domains": {"chat": "chat"}}, "at least two"),
+    ({"domains": {}}, "at least one"),
     ({"domains": {"general": "chat", "code": "code"}}, "reserved"),
+    ({"domains": {"a@b": "chat"}}, "reserved"),
     ({"domains": {"chat": "chat", "code": 3}}, "strings"),
     ({"steer_domain": "legal"}, "steer_domain"),
-    ({"control_seed": 42}, "control_seed"),
+    ({"control_seed": 1}, "control_seed"),
     ({"budgets": [100]}, "budgets"),
-    ({"budgets": []}, "budgets"),
-    ({"finetune_tokens": 10}, "finetune_tokens"),
+    ({"budgets": [256, 128]}, "budgets"),
+    ({"headline_budget": 200}, "headline_budget"),
+    ({"conditions": ["general", "finetune"]}, "scratch"),
+    ({"conditions": ["general", "scratch", "magic"]}, "unknown"),
+    ({"analyses": ["vibes"]}, "unknown"),
+    ({"architecture": "matryoshka"}, "architecture"),
+    ({"architecture": "topk", "sparsity": [4, 4.5]}, "integers"),
+    ({"sparsity": [1.0, 1.0]}, "distinct"),
+    ({"general_mix": {"prose": 0}}, "positive weights"),
     ({"buffer_size_tokens": 10}, "buffer_size_tokens"),
     ({"prompt_labels": ["a"]}, "prompt_labels"),
-    ({"steering_strengths": []}, "steering_strengths"),
     ({"match_threshold": 1.5}, "match_threshold"),
 ])
 def test_invalid_options_are_refused_with_the_option_named(values, match):
     with pytest.raises(ConfigError, match=match):
-        StudyConfig(**values).validate()
+        _cfg(**values)
 
 
 def test_load_rejects_unknown_options_and_applies_overrides(tmp_path):
@@ -60,57 +85,78 @@ def test_load_rejects_unknown_options_and_applies_overrides(tmp_path):
     p.write_text("domains: {legal: my_legal.jsonl, med: med.parquet}\nsteer_domain: legal\ngeneral_tokens: 8192\n")
     cfg = load_study_config(p, {"scratch_tokens": 1e4})
     assert cfg.domains == {"legal": "my_legal.jsonl", "med": "med.parquet"} and cfg.scratch_tokens == 10_000
+    assert cfg.general_weights() == {"legal": 1.0, "med": 1.0}  # empty general_mix: equal shares of the domains
     p.write_text("general_tokenz: 5\n")
     with pytest.raises(ConfigError, match="general_tokens"):
         load_study_config(p)
 
 
+def test_derived_values():
+    cfg = _cfg(general_mix={"prose": 0.4, "chat": 0.3, "code": 0.3}, sparsity=[2.0, 5.0, 12.0])
+    assert cfg.corpora() == {"chat": "chat", "code": "code", "prose": "prose"}
+    assert cfg.middle_sparsity == 5.0 == cfg.residual_sparsity and cfg.headline == 256 and cfg.other_seed == 2
+    assert cfg.steer == "code" and cfg.sparsity_knob == "l1"
+    k = _cfg(architecture="topk", sparsity=[4, 8, 16], seeds=[7], control_seed=9)
+    assert k.sparsity_knob == "k" and k.residual_sparsity == 4 and k.other_seed == 9  # stack L0 2 x 4 in range
+
+
 # ----------------------------------------------------------------------------------------------------------------
-# plan
+# runs
 
-def test_plan_counts_tokens_per_stage():
-    cfg = StudyConfig(domains={"a": "a", "b": "b", "c": "c"}, general_tokens=30_000, scratch_tokens=20_000,
-                      finetune_tokens=5_000, budgets=[4096, 8192], eval_tokens=1000, steering_strengths=[1.0, 2.0],
-                      steering_tokens=500, generate_tokens=10)
-    st = {s.name: s for s in study_plan(cfg)}
-    assert cache_tokens_per_domain(cfg) == 20_000  # max(scratch, general / 3, finetune, largest budget)
-    assert st["train"].tokens["sae"] == 2 * 30_000 + 3 * 20_000 + 3 * 5_000 and st["train"].runs == 8
-    assert st["budgets"].tokens["sae"] == 2 * 3 * (4096 + 8192) and st["budgets"].runs == 12
-    # matrix: 4 eval sets x 1000 tokens x (8 SAEs + clean + zero-ablation) full passes
-    assert st["matrix"].tokens["full"] == 4 * 1000 * (8 + 2)
-    # steering: per domain clean + 4 directions x 2 strengths + 3 ablations; 2 prompts x (1 + 8) x 10 generated
-    assert st["steering"].tokens == {"full": 3 * 500 * (1 + 8 + 3), "generated": 2 * 9 * 10}
-    assert n_overlap_pairs(3) == 1 + 3 + 3 + 3
-    # seconds follow from tokens / rates: halving the SAE rate adds exactly the SAE time again
-    slow = Throughput(sae_tokens_per_s=ASSUMED.sae_tokens_per_s / 2)
-    sae_s = (st["train"].tokens["sae"] + st["budgets"].tokens["sae"]) / ASSUMED.sae_rate(576, 2304)
-    assert estimate_minutes(cfg, slow) * 60 == pytest.approx(estimate_minutes(cfg) * 60 + sae_s)
-
-
-def test_sae_rate_scales_with_size_and_plan_prints():
-    assert ASSUMED.sae_rate(576, 4608) == pytest.approx(ASSUMED.sae_tokens_per_s / 2)
-    text = format_plan(study_plan(StudyConfig()))
-    assert text.startswith("Study plan") and "total" in text and "matrix" in text
+def test_plan_runs_counts_parents_and_names():
+    cfg = _cfg()
+    runs = plan_runs(cfg)
+    S, L, D, B = 2, 2, 2, 2
+    per_domain = S * L * (1 + 4 * B) + S  # scratch + 4 per-budget kinds, residual once per seed
+    assert len(runs) == S * L + S * L * B + D * per_domain  # general, continue, domains
+    assert len({r.dirname(cfg.sparsity_knob) for r in runs}) == len(runs)
+    seen = set()
+    for r in runs:  # parents come first, with the same seed and sparsity
+        p = r.parent()
+        assert p is None or (p in seen and p.seed == r.seed and p.sparsity == r.sparsity)
+        seen.add(r)
+    kl = Run("finetune_kl", "chat", 1, 0.5, 128)
+    assert kl in runs and KINDS["finetune_kl"].options == {"objective": "kl"} and KINDS["finetune_kl"].live
+    assert Run("scratch_total", "code", 1, 0.5, 128).tokens(cfg) == 512 + 128  # equal total tokens
+    assert Run("continue", None, 1, 0.5, 256).condition == "general continued @ 256"
+    assert {r.sparsity for r in runs if r.kind == "residual"} == {cfg.residual_sparsity}
+    one = _cfg(seeds=[42], control_seed=43, sparsity=[5.0], conditions=["general", "scratch", "finetune"])
+    assert [r.seed for r in plan_runs(one) if r.kind == "general"] == [42, 43]  # the seed control: general only
 
 
-def test_refine_rates_from_finished_stages():
-    from domain_sae.study.plan import refine, remaining_seconds
-    cfg = StudyConfig()
-    # caches ran at half the assumed speed: only the truncated rate changes
-    r = refine(ASSUMED, "caches", 10.0, {"truncated": int(ASSUMED.truncated_tokens_per_s * 5)})
-    assert r.truncated_tokens_per_s == pytest.approx(ASSUMED.truncated_tokens_per_s / 2)
-    assert r.full_tokens_per_s == ASSUMED.full_tokens_per_s and r.sae_tokens_per_s == ASSUMED.sae_tokens_per_s
-    assert "measured" in r.source
-    # SAE rate from a training stage, net of the per-run overhead, converted to the reference size
-    r2 = refine(r, "train", 100.0 + 6 * r.run_overhead_seconds, {"sae": 300_000}, runs=6, d_in=576, d_sae=4608)
-    assert r2.sae_rate(576, 4608) == pytest.approx(3000.0)
-    r3 = refine(r2, "matrix", 20.0, {"full": 10_000})
-    assert r3.full_tokens_per_s == pytest.approx(500.0)
-    assert r3.generate_seconds_per_token == pytest.approx(r2.generate_seconds_per_token * r2.full_tokens_per_s / 500)
-    assert refine(r3, "overlap", 3.0, {}) == r3
-    done = {"load", "caches", "train"}
-    left = remaining_seconds(cfg, r3, done)
-    assert left == pytest.approx(sum(s.seconds for s in study_plan(cfg, r3) if s.name not in done))
+def test_main_runs_eval_sets_and_model_pass_choice():
+    cfg = _cfg(analyses=["matrix"], ce_for_budgets=False)
+    main = main_runs(cfg)
+    assert list(main) == ["general", "general (seed 2)", "chat scratch", "code scratch", "general→chat",
+                          "general→code"]
+    assert main["general→chat"] == Run("finetune", "chat", 1, 2.0, 256)
+    assert eval_sets(cfg, main["chat scratch"]) == ["general", "chat", "code"]  # the matrix: every set
+    assert eval_sets(cfg, Run("scratch", "chat", 2, 2.0)) == ["chat"]
+    assert eval_sets(cfg, Run("finetune", "chat", 2, 0.5, 128)) == ["chat", "general"]  # forgetting
+    assert eval_sets(cfg, Run("continue", None, 1, 0.5, 128)) == ["general", "chat", "code"]
+    assert not wants_lm(cfg, Run("finetune", "chat", 1, 0.5, 128)) and wants_lm(cfg, main["general→chat"])
+
+
+def test_cache_sizes_cover_every_consumer():
+    cfg = _cfg(general_mix={"prose": 0.4, "chat": 0.3, "code": 0.3})
+    parts = general_parts(cfg)
+    assert {k: b for k, (b, _) in parts.items()} == weighted_shares(128, cfg.general_weights())
+    b, buf = parts["prose"]
+    # the general SAE reads whole refills of each part, the continued runs the refills after them
+    assert cache_tokens(cfg, "prose") == (_refills(512, b, buf, 128) + _refills(256, b, buf, 128)) * buf
+    assert cache_tokens(cfg, "chat") == 512 + 256  # scratch at equal total tokens: general + largest budget
+    assert _refills(512, 64, 256, 128) == math.ceil(4 / 4)
+
+
+def test_estimate_counts_every_hook():
+    one = estimate(_cfg(hooks=["blocks.0.hook_mlp_out"]))
+    two = estimate(_cfg(hooks=["blocks.0.hook_mlp_out", "blocks.15.hook_resid_post"]))
+    assert two["minutes"] > one["minutes"] > 0 and one["runs_per_hook"] == len(plan_runs(_cfg()))
+    assert "blocks.15.hook_resid_post: train" in two["stages"]
+    deep = estimate(_cfg(hooks=["blocks.15.hook_resid_post"]))["stages"]["caches"]["seconds"]
+    assert deep > one["stages"]["caches"]["seconds"]  # a deeper hook costs more of the model per cached token
+    text = format_plan(_cfg(), one)
+    assert text.startswith("Study plan") and "total" in text
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -136,23 +182,26 @@ class _Counter:
         self.step = s["step"]
 
 
-def test_split_evenly():
+def test_mixture_source_serves_exact_shares_and_resumes():
     assert split_evenly(10, 3) == [4, 3, 3] and sum(split_evenly(4096, 3)) == 4096
-    assert split_evenly(8, 2) == [4, 4]
-
-
-def test_mixture_source_serves_equal_shares_and_resumes():
     mix = MixtureSource(_Counter(0, 3), _Counter(100, 2))
     b = next(mix)
     assert b.shape == (5, 2) and b[:3, 0].tolist() == [1, 1, 1] and b[3:, 0].tolist() == [101, 101]
-    assert mix.first_buffer().shape == (15, 2)
     state = mix.state_dict()
     expected = next(mix)
     other = MixtureSource(_Counter(0, 3), _Counter(100, 2))
     other.load_state_dict(state)
     assert torch.equal(next(other), expected)
-    with pytest.raises(ValueError, match="parts"):
-        MixtureSource(_Counter(0, 1)).load_state_dict(state)
+
+
+def test_what_a_domain_is_comes_from_its_data(tmp_path):
+    assert probe_kind("chat") == "chat" and probe_kind("code") == "code"
+    (tmp_path / "notes.txt").write_text("Dear diary, today it rained (again) and I stayed in.\n")
+    assert probe_kind(str(tmp_path / "notes.txt")) is None
+    py = tmp_path / "py"
+    py.mkdir()
+    (py / "a.py").write_text("def f(x):\n    return x + 1\n")
+    assert probe_kind(str(py)) == "code"  # a domain named anything holding Python gets the token-type probe
 
 
 def test_prompt_files(tmp_path):
@@ -162,11 +211,3 @@ def test_prompt_files(tmp_path):
     (tmp_path / "empty.txt").write_text("\n\n")
     with pytest.raises(ConfigError, match="no prompts"):
         _read_prompts(str(tmp_path / "empty.txt"), 5)
-
-
-def test_default_prompt_sets_come_from_the_offline_corpora():
-    from domain_sae.study.inputs import prompt_sets
-    a, b = prompt_sets(StudyConfig(n_prompts=5))
-    assert len(a) == 5 and len(b) == 5
-    assert all(p.startswith("Write a Python function") for p in a)
-    assert len(set(b)) == 5 and not any(p.startswith("Write a Python function") for p in b)

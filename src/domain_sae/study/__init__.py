@@ -1,20 +1,20 @@
-"""The domain-adaptation study: general vs domain-from-scratch vs fine-tuned SAEs (`dsae compare`, `dsae demo`).
+"""The domain-adaptation study: general vs domain-from-scratch vs fine-tuned SAEs (`dsae compare`, `dsae demo`), one
+engine for the demo and the rigorous study (docs/study.md).
 
-- :mod:`.config`    ``StudyConfig`` (one YAML/TOML file; shared options inherited from TrainConfig/EvalConfig),
-                    ``load_study_config`` and the schedule of every study SAE (``study_schedule``);
-- :mod:`.plan`      stages, token counts and the time estimate printed before the study starts;
-- :mod:`.inputs`    held-out activation sets (and their general mix), the two prompt sets;
-- :mod:`.prepare`   stage 1: model, activation caches, held-out sets (``StudyInputs``), the stage timer;
-- :mod:`.saes`      stages 2 and 4: training the SAEs from the caches, the token-efficiency ladder;
-- :mod:`.measures`  stages 3, 5-7: matrix, overlap, directions, steering (each returns a typed result);
-- :mod:`.run`       ``run_study(cfg, out_dir) -> results`` (every stage, results.json assembled);
-- :mod:`.findings`, :mod:`.figures`, :mod:`.sections`, :mod:`.document`, :mod:`.report`: the report (numbers and
-  answer, plots, the document and its Markdown/HTML renderers, writing the files).
+- :mod:`.config`    ``StudyConfig`` (one YAML/TOML file), ``load_study_config``, the schedule of every study SAE;
+- :mod:`.runs`      runs as data (kind, domain, seed, sparsity, budget), the plan, the resumable SAE store;
+- :mod:`.inputs`    multi-hook activation caches, held-out sets, probing sets (labels from the data), prompts;
+- :mod:`.measure`   reconstruction and model-pass measurements of every run, cached per run;
+- :mod:`.findings`  comparisons at matched sparsity, gap-closed curves, the answer in at most five sentences;
+- :mod:`.analyses`  matrix, overlap, probing, directions, steering, feature store (each a function of the runs);
+- :mod:`.plan`      the plan and time estimate printed first; :mod:`.engine` ``run_study(cfg, out)``;
+- :mod:`.report`, :mod:`.sections`, :mod:`.figures`, :mod:`.document`: results.json, report.md/html, figures.
 """
 
-from .config import StudyConfig, load_study_config
-from .plan import estimate_minutes, study_plan
-from .report import write_report
-from .run import run_study
+from .config import StudyConfig, StudyError, load_study_config
+from .engine import run_study
+from .plan import estimate_minutes
+from .report import render_from_json, write_report
 
-__all__ = ["StudyConfig", "load_study_config", "estimate_minutes", "study_plan", "run_study", "write_report"]
+__all__ = ["StudyConfig", "StudyError", "load_study_config", "run_study", "estimate_minutes", "write_report",
+           "render_from_json"]

@@ -1,25 +1,16 @@
-"""results.json, report.md and a self-contained report.html (PNG plots embedded as base64, also written alongside)
-for the domain-adaptation study.
+"""results.json, report.md, a self-contained report.html (PNG figures embedded, also written alongside) for every
+study: :mod:`.findings` gives the answer, :mod:`.figures` the plots, :mod:`.sections` the document (the blocks of
+:mod:`.document`, rendered to Markdown and HTML with every piece of text escaped).
 
-The report is built in three steps, each in its own module: :mod:`.findings` (the numbers and the answer in
-sentences, with the seed-to-seed yardstick), :mod:`.figures` (one function per plot) and :mod:`.sections` (the
-document, as the blocks of :mod:`.document`, rendered to Markdown and HTML with every piece of text escaped).
+The renderer reads only the JSON-ready results dict, so :func:`render_from_json` re-renders a report from its
+results.json. results.json (strict JSON, ``schema_version`` 2) holds:
 
-The renderer only reads the JSON-ready results dict (what results.json holds), so a report can be re-rendered from
-a results.json with :func:`render_from_json`. results.json (``schema_version`` 1) holds:
-
-- ``config`` (the StudyConfig), ``domains``, ``model`` {name, hook, source, d_in, d_sae}, ``versions``;
-- ``saes``: name -> {kind, domain, training_tokens, parent_tokens, total_tokens, seed, lineage};
-- ``data``: cache_tokens per domain, held-out sequences, recon_tokens_counted, eval_sets {tokens, lm_counted, ...};
-- ``matrix``: SAE -> eval set -> SPEC 3 metrics (CE/KL with the model + reconstruction) and ``segments``;
-- ``recon``: SAE -> set -> {explained_variance, mse, cossim, l0, dead_fraction, relative_reconstruction_bias} on the
-  larger reconstruction sets; ``budgets``: domain -> {tokens, scratch, finetuned, finetuned_on_general} (one recon
-  dict per budget);
-- ``overlap``: threshold, pairs ("A vs B" -> max_cos_a_to_b / max_cos_b_to_a histograms, hungarian), drift,
-  domain_specific (count, top latents with example contexts);
-- ``directions``: labels, n_prompts, example_prompts, per_sae (analysis.directions.direction_capture);
-- ``steering``: domain, chosen latents, add / ablate (analysis.steering.steering_sweep), prompts, tokens;
-- ``stages`` (seconds, tokens per kind, what), ``timing_seconds``, ``estimate``, ``answer`` (the sentences).
+- ``question``, ``answer`` (at most five sentences), ``config`` (the StudyConfig), ``model``, ``versions``,
+  ``estimate``, ``timing_seconds``;
+- ``runs``: run id -> {kind, condition, domain, seed, sparsity, budget, tokens, parent};
+- ``hooks``: hook -> {``d_in``, ``sampling`` (held-out documents per corpus), ``measurements`` (run id ->
+  {``recon``: set -> {ev, ev_se, l0, tokens}, ``lm``: set -> {metrics, se, segments, tokens}}), ``main`` (label ->
+  run id), ``findings`` (domain -> :func:`.findings.domain_findings`), ``analyses`` (name -> result), ``seconds``}.
 """
 
 from __future__ import annotations
@@ -28,19 +19,18 @@ import json
 from pathlib import Path
 from typing import Optional
 
+from ..config import from_dict
 from ..errors import UserError
-from ..util.jsonsafe import jsonable
-from .config import CONTROL, GENERAL
+from ..util.atomic import atomic_write_text
+from ..util.jsonsafe import jsonable, write_json
+from .config import StudyConfig
 from .document import render_html, render_markdown
-from .figures import make_plots
-from .findings import CES, EV, FACTOR, L0, MIN_SPREAD, answer, domain_findings, spread, verdict
+from .figures import make_figures
+from .findings import answer
 from .sections import document
 
-__all__ = ["write_report", "render_from_json", "check_results", "ReportError", "answer", "domain_findings",
-           "make_plots", "spread", "verdict", "CES", "EV", "L0", "FACTOR", "MIN_SPREAD"]
-
-REQUIRED_KEYS = ("config", "domains", "model", "saes", "matrix", "recon", "budgets", "overlap", "directions",
-                 "steering", "stages")
+SCHEMA, SCHEMA_VERSION = "domain-sae/study-results", 2
+REQUIRED_KEYS = ("question", "config", "model", "runs", "hooks")
 
 
 class ReportError(UserError, ValueError):
@@ -49,27 +39,25 @@ class ReportError(UserError, ValueError):
 
 def check_results(res: dict) -> None:
     missing = [k for k in REQUIRED_KEYS if k not in res]
-    if missing:
-        raise ReportError(f"The results lack {missing}; they do not come from `dsae compare` (schema version 1). "
-                          f"Re-run the study to regenerate results.json.")
-    for name in (GENERAL, CONTROL):
-        if name not in res["matrix"]:
-            raise ReportError(f"The results lack the {name!r} SAE, which the report needs as its yardstick.")
+    if missing or res.get("schema_version") != SCHEMA_VERSION:
+        raise ReportError(f"The results lack {missing or 'nothing'} and have schema version "
+                          f"{res.get('schema_version')}: they do not come from this version of `dsae compare` "
+                          f"(schema version {SCHEMA_VERSION}). Re-run the study to regenerate results.json.")
 
 
 def write_report(results: dict, out: str | Path) -> dict[str, Path]:
-    """Write results.json (with the answer), the PNG plots, report.md and report.html into ``out``."""
+    """Write results.json (with the answer), the PNG figures, report.md and report.html into ``out``."""
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     res = jsonable(results)
     check_results(res)
-    res["answer"] = answer(res)
-    results["answer"] = res["answer"]
-    (out / "results.json").write_text(json.dumps(res, indent=1, allow_nan=False) + "\n")
-    figs = make_plots(res, out)
+    cfg = from_dict(StudyConfig, res["config"], source="results.json config")
+    res["answer"] = results["answer"] = answer(cfg, res["hooks"])
+    write_json(out / "results.json", res, indent=1)
+    figs = make_figures(res, out)
     blocks = document(res, figs)
-    (out / "report.md").write_text(render_markdown(blocks, figs))
-    (out / "report.html").write_text(render_html(blocks, figs))
+    atomic_write_text(out / "report.md", render_markdown(blocks, figs))
+    atomic_write_text(out / "report.html", render_html(blocks, figs, title="domain-sae study"))
     return {"report_html": out / "report.html", "report_md": out / "report.md", "results_json": out / "results.json"}
 
 
