@@ -108,6 +108,32 @@ def test_errors_and_cancelled_queued_tasks_answer_and_the_worker_goes_on():
     assert failing.view() == {**failing.view(), "status": "error", "error": "ValueError: bad latent"}
 
 
+def test_nobody_waiting_cancels_and_finished_tasks_are_forgotten_first():
+    w = ModelWorker(keep=3)
+    hold = threading.Event()
+
+    def blocker(task):
+        hold.wait(10)
+        yield INTERACTIVE
+
+    def fine(task):
+        yield from ()
+        return "ok"
+    running = w.submit("blocker", blocker)
+    gone = w.submit("live", fine)
+    assert gone.answer.cancel() and gone.cancelled.is_set()     # the awaiting request went away
+    hold.set()
+    _wait(lambda: gone.status == "cancelled" and running.status == "done")
+    hold.clear()
+    slow = w.submit("steer", blocker)
+    _wait(lambda: slow.status == "running")
+    for _ in range(4):
+        w.submit("other", fine, supersede=False)
+    assert w.get(slow.id) is slow and len(w.tasks) == 5       # unfinished tasks are kept, finished ones dropped
+    assert w.get(running.id) is None and w.get(gone.id) is None
+    hold.set()
+
+
 LONG = ("Hello there! How are you doing today? I am fine, thank you. We went to the market and bought apples, "
         "pears and a small cake for the party. def add(a, b):\n    return a + b\n") * 2
 
@@ -123,7 +149,7 @@ def test_no_freeze_while_a_job_runs_and_a_second_prompt_arrives(smol_tokenizer, 
     lat: list[float] = []
     with BackgroundServer(app) as url, httpx.Client(base_url=url, timeout=60) as c:
         first = c.post("/api/prompt", json={"text": LONG}).json()
-        assert first["n_tokens"] > 60
+        assert first["n_tokens"] > 60 and len(first["candidates"]) >= 40   # a job of 40+ one-latent batches
         _wait(lambda: c.get(f"/api/job/{first['job']}").json()["done"] >= 2, 60)
         second: dict = {}
 
@@ -145,3 +171,26 @@ def test_no_freeze_while_a_job_runs_and_a_second_prompt_arrives(smol_tokenizer, 
         assert j1["status"] == "cancelled" and j1["done"] < j1["total"], j1
         assert wait_job(c.get, second["r"].json()["job"])["status"] == "done"
     assert max(lat) < 0.2, f"slowest /api/store poll {max(lat):.3f} s of {len(lat)}"
+
+
+def test_a_client_that_goes_away_cancels_its_work(smol_tokenizer, tmp_path):
+    """The worker is held by another task; a live test whose client gives up (timeout) is cancelled before it runs,
+    and every answer carries the security headers."""
+    lm = tiny_model(smol_tokenizer)
+    sae = make_sae(22, d_sae=8)
+    app = create_app(build_store(tmp_path, lm, {"g": sae}), lm=lm, saes={"g": sae})
+    hold = threading.Event()
+
+    def blocker(task):
+        hold.wait(20)
+        yield INTERACTIVE
+    with BackgroundServer(app) as url:
+        app.state.worker.submit("blocker", blocker)
+        with pytest.raises(httpx.TimeoutException):
+            httpx.post(url + "/api/live", json={"text": "hi there", "latent": 1}, timeout=0.5)
+        live = next(t for t in app.state.worker.tasks.values() if t.kind == "live")
+        _wait(lambda: live.cancelled.is_set())
+        hold.set()
+        _wait(lambda: live.status == "cancelled")
+        for path in ("/", "/api/store", "/api/nothing"):
+            assert "frame-ancestors 'none'" in httpx.get(url + path).headers["content-security-policy"]

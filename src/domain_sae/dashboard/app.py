@@ -16,6 +16,7 @@ from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.responses import HTMLResponse, JSONResponse, Response
+from starlette.datastructures import MutableHeaders
 
 from ..errors import UserError
 from ..features.queries import FeatureStore, NotFound
@@ -25,6 +26,27 @@ from .worker import ModelWorker, Superseded
 
 MEDIA = {"app.js": "text/javascript; charset=utf-8", "panels.js": "text/javascript; charset=utf-8",
          "style.css": "text/css; charset=utf-8"}
+
+
+class SecurityHeaders:
+    """ASGI middleware: the Content-Security-Policy and two more headers on every response (plain ASGI, so a
+    request's own receive channel, e.g. its disconnect, reaches the endpoint unchanged)."""
+
+    def __init__(self, app):
+        self.app = app
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+
+        async def send_with_headers(message):
+            if message["type"] == "http.response.start":
+                h = MutableHeaders(scope=message)
+                h["Content-Security-Policy"] = CSP
+                h["X-Content-Type-Options"] = "nosniff"
+                h["Referrer-Policy"] = "no-referrer"
+            await send(message)
+        await self.app(scope, receive, send_with_headers)
 
 
 def create_app(store_path: str | Path, *, lm: Any = None, saes: Mapping[str, Any] | None = None,
@@ -44,13 +66,7 @@ def create_app(store_path: str | Path, *, lm: Any = None, saes: Mapping[str, Any
     app = FastAPI(title="domain-sae features", docs_url=None, redoc_url=None, openapi_url=None)
     app.state.store, app.state.models, app.state.worker = store, models, worker
 
-    @app.middleware("http")
-    async def headers(request: Request, call_next):
-        response = await call_next(request)
-        response.headers["Content-Security-Policy"] = CSP
-        response.headers["X-Content-Type-Options"] = "nosniff"
-        response.headers["Referrer-Policy"] = "no-referrer"
-        return response
+    app.add_middleware(SecurityHeaders)
 
     @app.exception_handler(NotFound)
     async def not_found(request: Request, exc: NotFound):

@@ -10,7 +10,8 @@ to the :class:`~.worker.ModelWorker` and awaits it without blocking the event lo
 - ``POST /api/live`` ``{text | messages, sae, latent}``: the latent's activation and quantile on every token
   (:func:`domain_sae.features.prompt.latent_trace`).
 - ``GET /api/job/{id}``: ``{id, kind, status, done, total, result, error}``; ``DELETE /api/job/{id}`` cancels it
-  (within one ablation batch or one generated token).
+  (within one ablation batch or one generated token). A client that disconnects while it awaits a prompt's metrics or
+a live test cancels that work.
 
 Answers: 400 ``{"error"}`` for a bad body or prompt (also from a server without a model, at once), 404 for an
 unknown SAE or job, 409 when a newer request of the same kind replaced this one before it answered, 500 with the
@@ -82,9 +83,17 @@ def _one_step(fn: Callable[[Task], Any]) -> Callable[[Task], Any]:
     return steps
 
 
-async def _answer(task: Task) -> Any:
+async def _answer(task: Task, request: Request) -> Any:
+    """The task's answer, awaited without blocking the event loop; a client that disconnects meanwhile cancels the
+    task (checked every 0.2 s)."""
+    answer = asyncio.wrap_future(task.answer)
     try:
-        return await asyncio.wrap_future(task.answer)
+        while not (await asyncio.wait({answer}, timeout=0.2))[0]:
+            if await request.is_disconnected():
+                task.cancelled.set()
+                answer.cancel()
+                return JSONResponse({"error": "The client went away."}, status_code=499)
+        return answer.result()
     except (UserError, NotFound):
         raise
     except Exception as e:  # noqa: BLE001 - the model work failed: the client gets the message
@@ -119,7 +128,7 @@ def add_model_routes(app: FastAPI, store: FeatureStore, models: Models, worker: 
                 task.done = done
                 yield BACKGROUND
             return _clean(rank_ablation(effects, state, top_n))
-        return await _answer(worker.submit("prompt", steps))
+        return await _answer(worker.submit("prompt", steps), request)
 
     @app.post("/api/steer")
     async def api_steer(request: Request):
@@ -155,7 +164,7 @@ def add_model_routes(app: FastAPI, store: FeatureStore, models: Models, worker: 
             lm, sae, table = models.get(info["label"])
             ids, segs = tokens(lm, text, messages)
             return _clean({**latent_trace(lm, sae, info["hook"], ids, segs, latent, table), "sae": info["label"]})
-        return await _answer(worker.submit("live", _one_step(live)))
+        return await _answer(worker.submit("live", _one_step(live)), request)
 
     @app.get("/api/job/{job_id}")
     async def api_job(job_id: str):

@@ -8,9 +8,11 @@ first, and puts it back. So an answer someone waits for (the first metrics of a 
 most one unit of a background job (one ablation batch), and a cancelled task stops at its next unit.
 
 A new task of a kind supersedes the unfinished tasks of that kind (``supersede=True``): they are flagged cancelled
-at once and dropped by the worker before their next unit ("the model works on what is on the screen"). A task can
-also be cancelled by id; model code that runs long within one unit calls ``task.check()`` (it raises
-:class:`Cancelled`). The last ``keep`` tasks stay readable (status, progress, result, error).
+at once and dropped by the worker before their next unit ("the model works on what is on the screen"). A task is
+also cancelled by id, and when the request awaiting its answer goes away (the client disconnected); model code
+that runs long within one unit calls ``task.check()`` (it raises :class:`Cancelled`). The last ``keep`` tasks stay
+readable (status, progress, result, error): beyond them the oldest finished ones are forgotten, never an
+unfinished one.
 """
 
 from __future__ import annotations
@@ -49,6 +51,7 @@ class Task:
         self.status, self.result, self.error = "queued", None, None
         self.cancelled = threading.Event()
         self.answer: Future = Future()
+        self.answer.add_done_callback(lambda f: f.cancelled() and self.cancelled.set())   # nobody waits any more
 
     def check(self) -> None:
         if self.cancelled.is_set():
@@ -85,8 +88,9 @@ class ModelWorker:
                     if old.kind == kind and old.status in ("queued", "running"):
                         old.cancelled.set()
             self.tasks[task.id] = task
-            while len(self.tasks) > self.keep:
-                self.tasks.popitem(last=False)
+            finished = [k for k, t in self.tasks.items() if t.status in ("done", "cancelled", "error")]
+            for k in finished[:max(0, len(self.tasks) - self.keep)]:
+                del self.tasks[k]
         self._queue.put((INTERACTIVE, next(self._order), task, steps(task)))
         return task
 
