@@ -1,49 +1,51 @@
-"""Activation cache: round trip, manifest, atomic build, serving with the store's shuffle/state logic."""
+"""Reading an activation cache of one hook: the rows served, with the store's shuffle/state logic (seeded refills,
+exact resume, epochs), special tokens filtered at read time, missing or corrupt caches refused; and the multi-hook
+builder's refusal of activations that overflow the cache dtype. (Building caches: test_activations_hook_cache.py.)"""
 
 from __future__ import annotations
 
 import pytest
 import torch
-from safetensors.torch import load_file
 
-from domain_sae.activations.cache import CachedActivationSource, CacheError, build_activation_cache, read_manifest
+from domain_sae.activations.cache import CachedActivationSource, CacheError, read_manifest
 from domain_sae.activations.live import refill_seed
-from training_helpers import FakeTokenStream, kept_rows, make_activation_fn
+from training_helpers import FakeTokenStream, kept_rows, make_activation_fn, write_cache
 
 D = 6
 
 
-def build(tmp_path, n_tokens=100, name="cache", **kw):
-    fn = make_activation_fn(D)
-    stream = FakeTokenStream(n_sequences=40)
-    kw.setdefault("shard_tokens", 32)
-    path = build_activation_cache(fn, stream, tmp_path / name, n_tokens, model_batch_size=3,
-                                  metadata={"hook_name": "blocks.0.hook_mlp_out"}, **kw)
-    return path, fn, stream
+def build(tmp_path, n_tokens=100, name="cache", exclude_special=True, dtype=torch.float16):
+    """A cache of the first ``n_tokens`` kept rows of a synthetic stream (independently computed rows)."""
+    fn, stream = make_activation_fn(D), FakeTokenStream(n_sequences=40)
+    acts, ids, segs = kept_rows(stream, fn, 0, 40, exclude_special=exclude_special)
+    path = write_cache(tmp_path / name, acts[:n_tokens].to(dtype), ids[:n_tokens], segs[:n_tokens], shard_tokens=32,
+                       exclude_special=exclude_special, metadata={"hook_name": "blocks.0.hook_mlp_out"})
+    return path, acts[:n_tokens].to(dtype).float()
 
 
-def test_round_trip_matches_independent_kept_positions(tmp_path):
-    path, fn, stream = build(tmp_path, n_tokens=100)
+def drain(src) -> list[torch.Tensor]:
+    out = []
+    try:
+        while True:
+            out.append(next(src))
+    except StopIteration:
+        return out
+
+
+def test_serves_every_row_once_across_shards(tmp_path):
+    path, acts = build(tmp_path, n_tokens=100)
     m = read_manifest(path)
-    assert m["n_tokens"] == 100 and m["d_in"] == D and m["dtype"] == "float16"
-    assert [s["n_tokens"] for s in m["shards"]] == [32, 32, 32, 4]
-    assert m["metadata"]["hook_name"] == "blocks.0.hook_mlp_out" and m["exclude_special"] is True
-    shards = [load_file(str(path / s["file"])) for s in m["shards"]]
-    acts = torch.cat([s["activations"] for s in shards])
-    ids = torch.cat([s["token_ids"] for s in shards])
-    segs = torch.cat([s["segments"] for s in shards])
-    exp_acts, exp_ids, exp_segs = kept_rows(stream, fn, 0, m["n_sequences"])
-    assert acts.dtype == torch.float16 and segs.dtype == torch.int8
-    torch.testing.assert_close(acts, exp_acts[:100].half(), rtol=0, atol=0)
-    assert torch.equal(ids.long(), exp_ids[:100]) and torch.equal(segs, exp_segs[:100])
-    assert not any(".tmp-" in p.name for p in tmp_path.iterdir())
+    assert m["n_tokens"] == 100 and m["d_in"] == D and [s["n_tokens"] for s in m["shards"]] == [32, 32, 32, 4]
+    src = CachedActivationSource(path, batch_size=10, buffer_tokens=100, seed=3)
+    served = torch.cat(drain(src))
+    assert served.dtype == torch.float32 and served.shape == (100, D)
+    torch.testing.assert_close(served.sort(0).values, acts.sort(0).values, rtol=0, atol=0)
 
 
 def test_cached_source_serves_seeded_shuffle_and_resumes_exactly(tmp_path):
-    path, fn, stream = build(tmp_path, n_tokens=100)
+    path, acts = build(tmp_path, n_tokens=100)
     src = CachedActivationSource(path, batch_size=8, buffer_tokens=30, seed=11)
     assert src.d_in == D and src.n_tokens == 100
-    acts = kept_rows(stream, fn, 0, 40)[0][:100].half().float()
     perm = torch.randperm(30, generator=torch.Generator().manual_seed(refill_seed(11, 0)))
     first = torch.cat([next(src) for _ in range(3)])  # 30 // 8 = 3 batches, 6 leftover dropped
     torch.testing.assert_close(first, acts[:30][perm][:24], rtol=0, atol=0)
@@ -53,12 +55,7 @@ def test_cached_source_serves_seeded_shuffle_and_resumes_exactly(tmp_path):
         next(ref)
     state = ref.state_dict()
     assert state["positions_before_refill"] == 30 and state["batches_served"] == 1
-    rest = []
-    try:
-        while True:
-            rest.append(next(ref))
-    except StopIteration:
-        pass
+    rest = drain(ref)
     assert len(rest) == 2 + 3 + 1  # refill 1 (2 left), refill 2 (3), refill 3 = last 10 positions (1 batch)
     resumed = CachedActivationSource(path, batch_size=8, buffer_tokens=30, seed=11)
     resumed.load_state_dict(state)
@@ -67,7 +64,7 @@ def test_cached_source_serves_seeded_shuffle_and_resumes_exactly(tmp_path):
 
 
 def test_repeat_wraps_around(tmp_path):
-    path, *_ = build(tmp_path, n_tokens=40)
+    path, _ = build(tmp_path, n_tokens=40)
     src = CachedActivationSource(path, batch_size=10, buffer_tokens=40, seed=0, repeat=True)
     a = torch.cat([next(src) for _ in range(4)])
     b = torch.cat([next(src) for _ in range(4)])
@@ -76,63 +73,24 @@ def test_repeat_wraps_around(tmp_path):
 
 
 def test_special_filter_at_read_time(tmp_path):
-    path, fn, stream = build(tmp_path, n_tokens=60, exclude_special=False)
-    assert read_manifest(path)["exclude_special"] is False
-    segs = torch.cat([load_file(str(path / s["file"]))["segments"] for s in read_manifest(path)["shards"]])
+    path, acts = build(tmp_path, n_tokens=60, exclude_special=False)
+    segs = torch.cat([kept_rows(FakeTokenStream(n_sequences=40), make_activation_fn(D), 0, 40,
+                                exclude_special=False)[2]])[:60]
     assert (segs == 0).any() and not (segs == -1).any()
-    n_nonspecial = int((segs != 0).sum())
     src = CachedActivationSource(path, batch_size=1, buffer_tokens=1000, seed=0, exclude_special=True)
-    served = []
-    try:
-        while True:
-            served.append(next(src))
-    except StopIteration:
-        pass
-    assert len(served) == n_nonspecial
-    path2, *_ = build(tmp_path, n_tokens=20, name="c2")
+    served = torch.cat(drain(src))
+    want = acts[segs != 0]
+    assert served.shape == want.shape
+    torch.testing.assert_close(served.sort(0).values, want.sort(0).values, rtol=0, atol=0)
+    path2, _ = build(tmp_path, n_tokens=20, name="c2")
     with pytest.raises(CacheError, match="exclude_special=False"):
         CachedActivationSource(path2, batch_size=4, buffer_tokens=8, exclude_special=False)
-
-
-def test_failed_build_leaves_nothing_and_overwrite_is_atomic(tmp_path):
-    path, *_ = build(tmp_path, n_tokens=50)
-    before = read_manifest(path)
-    calls = {"n": 0}
-    good = make_activation_fn(D)
-
-    def crashing(ids):
-        calls["n"] += 1
-        if calls["n"] == 3:
-            raise RuntimeError("simulated crash mid-build")
-        return good(ids)
-
-    with pytest.raises(RuntimeError, match="simulated"):
-        build_activation_cache(crashing, FakeTokenStream(), path, 80, model_batch_size=2, shard_tokens=8,
-                               overwrite=True)
-    assert read_manifest(path) == before  # the old cache is untouched
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["cache"]
-    with pytest.raises(CacheError, match="already exists"):
-        build(tmp_path, n_tokens=10)
-    build(tmp_path, n_tokens=70, overwrite=True)
-    assert read_manifest(path)["n_tokens"] == 70
-
-
-def test_short_stream_warns_and_overflow_is_reported(tmp_path):
-    with pytest.warns(UserWarning, match="holds"):
-        path, *_ = build(tmp_path, n_tokens=10_000)
-    assert 0 < read_manifest(path)["n_tokens"] < 10_000
-    with pytest.raises(CacheError, match="overflow float16"):
-        build_activation_cache(lambda ids: torch.full((*ids.shape, D), 1e6), FakeTokenStream(), tmp_path / "o", 10)
-    assert not (tmp_path / "o").exists()
-    big = build_activation_cache(lambda ids: torch.full((*ids.shape, D), 1e6), FakeTokenStream(), tmp_path / "o",
-                                 10, dtype="float32")
-    assert read_manifest(big)["dtype"] == "float32"
 
 
 def test_missing_or_corrupt_cache(tmp_path):
     with pytest.raises(CacheError, match="not an activation cache"):
         CachedActivationSource(tmp_path, batch_size=1, buffer_tokens=1)
-    path, *_ = build(tmp_path, n_tokens=40)
+    path, _ = build(tmp_path, n_tokens=40)
     (path / read_manifest(path)["shards"][0]["file"]).unlink()
     with pytest.raises(CacheError, match="lacks shard"):
         read_manifest(path)
@@ -141,11 +99,17 @@ def test_missing_or_corrupt_cache(tmp_path):
         read_manifest(path)
 
 
-def test_a_rebuild_removes_what_a_killed_build_left(tmp_path):
-    # a kill by SIGTERM skips the atomic writer's cleanup: its temporary directory stays beside the cache
-    (tmp_path / "cache.tmp-dead1").mkdir()
-    (tmp_path / "cache.tmp-dead1" / "shard_00000.safetensors").write_bytes(b"half")
-    (tmp_path / "other.tmp-busy").mkdir()  # another cache's build: left alone
-    build(tmp_path)
-    assert not (tmp_path / "cache.tmp-dead1").exists() and (tmp_path / "other.tmp-busy").is_dir()
-    assert read_manifest(tmp_path / "cache")["n_tokens"] == 100
+def test_activations_that_overflow_the_cache_dtype_are_refused(tmp_path, tiny_lm):
+    from domain_sae.activations.hook_cache import build_cache
+    from domain_sae.config import DataConfig
+    hook = "blocks.0.hook_mlp_out"
+    mlp = tiny_lm.model.model.layers[0].mlp
+    handle = mlp.register_forward_hook(lambda m, i, o: o * 1e9)  # activations far beyond float16's 65504
+    try:
+        cfg = DataConfig(model="tiny-llama", data="chat", max_rows=50, context_size=32, model_batch_size=4)
+        with pytest.raises(CacheError, match="overflow float16"):
+            build_cache(tiny_lm, [hook], cfg, tmp_path / "c16", 64, dtype="float16")
+        build_cache(tiny_lm, [hook], cfg, tmp_path / "c32", 64, dtype="float32")  # float32 holds them
+    finally:
+        handle.remove()
+    assert read_manifest(tmp_path / "c32" / hook)["dtype"] == "float32"

@@ -79,7 +79,7 @@ def saved_sae(path, d_in=32):
 
 def study_file(tmp_path, **values):
     base = {"domains": {"chat": "chat", "code": "code"}, "train_batch_size_tokens": 64, "buffer_size_tokens": 128,
-            "general_tokens": 128, "scratch_tokens": 128, "finetune_tokens": 64, "budgets": [64]}
+            "general_tokens": 128, "scratch_tokens": 128, "budgets": [64]}
     base.update(values)
     p = tmp_path / "study.json.yaml"
     p.write_text(json.dumps(base))
@@ -167,19 +167,18 @@ def test_compare_out_refuses_a_foreign_directory(tmp_path, capsys):
     assert intact(note) and sorted(p.name for p in note.parent.iterdir()) == ["notes.md"]
 
 
-def test_activation_cache_overwrite_only_replaces_a_cache(tmp_path):
-    from training_helpers import FakeTokenStream, make_activation_fn
-
-    from domain_sae.activations.cache import build_activation_cache, read_manifest
-    fn = make_activation_fn()
+def test_activation_cache_overwrite_only_replaces_a_cache(tmp_path, tiny_lm):
+    from domain_sae.activations.hook_cache import build_cache
+    from domain_sae.config import DataConfig
+    cfg = DataConfig(model="tiny-llama", data="chat", max_rows=50, context_size=32, model_batch_size=4)
     note = sentinel(tmp_path / "victim")
     with pytest.raises(OutputDirError, match="does not hold a domain-sae activation cache"):
-        build_activation_cache(fn, FakeTokenStream(), tmp_path / "victim", 64, overwrite=True)
+        build_cache(tiny_lm, [HOOK], cfg, tmp_path / "victim", 64, overwrite=True)
     assert intact(note) and sorted(p.name for p in note.parent.iterdir()) == ["notes.md"]
-    path = build_activation_cache(fn, FakeTokenStream(), tmp_path / "cache", 64)
+    path = build_cache(tiny_lm, [HOOK], cfg, tmp_path / "cache", 64)
     assert output_kind(path) == "activation-cache"
-    build_activation_cache(fn, FakeTokenStream(), path, 32, overwrite=True)  # a cache is replaced
-    assert read_manifest(path)["n_tokens"] == 32
+    build_cache(tiny_lm, [HOOK], cfg, path, 32, overwrite=True)  # a cache is replaced
+    assert json.loads((path / "manifest.json").read_text())["n_tokens"] == 32
     assert not [p for p in tmp_path.iterdir() if ".tmp-" in p.name or ".old-" in p.name]
 
 

@@ -21,7 +21,7 @@ from domain_sae.data.sources import DataError
 from domain_sae.util.jsonsafe import INF_AS, jsonable
 from domain_sae.models import LoadedModel, as_module, same_model_name, tokenizer_of
 from domain_sae.sae.standard import SAECompatibilityError, SAEModelConfig, StandardSAE, check_compatible
-from domain_sae.study.prepare import StudyError
+from domain_sae.study.config import StudyError
 from domain_sae.study.report import ReportError
 
 
@@ -117,16 +117,17 @@ def test_one_error_hierarchy_without_a_registry(capsys):
 
 
 def test_activation_sources_implement_the_protocol(tmp_path):
-    from domain_sae.activations import (ActivationSource, ActivationStore, CachedActivationSource, MixtureSource,
-                                        build_activation_cache)
+    from domain_sae.activations import ActivationSource, ActivationStore, CachedActivationSource, MixtureSource
+    from training_helpers import write_cache
     seqs = [(torch.arange(8), torch.ones(8, dtype=torch.int8)) for _ in range(4)]
 
     def fn(x):
         return torch.randn(*x.shape, 3, generator=torch.Generator().manual_seed(0))
 
     store = ActivationStore(fn, seqs, d_in=3, batch_size=4, buffer_tokens=8, model_batch_size=2)
-    cache = CachedActivationSource(build_activation_cache(fn, seqs, tmp_path / "c", 16), batch_size=4,
-                                   buffer_tokens=8)
+    rows = fn(torch.stack([s[0] for s in seqs]))[:, :4].reshape(16, 3)
+    cache = CachedActivationSource(write_cache(tmp_path / "c", rows, torch.zeros(16), torch.ones(16), shard_tokens=8),
+                                   batch_size=4, buffer_tokens=8)
     for src in (store, cache, MixtureSource(store, cache)):
         assert isinstance(src, ActivationSource)
     assert not isinstance(seqs, ActivationSource)

@@ -57,6 +57,31 @@ def make_activation_fn(d_in: int = 6, vocab: int = 97, seed: int = 1):
     return fn
 
 
+def write_cache(path, acts: torch.Tensor, token_ids: torch.Tensor, segments: torch.Tensor, *, shard_tokens: int,
+                exclude_special: bool = True, metadata: dict | None = None):
+    """A single-hook activation cache holding exactly these rows (the layout CachedActivationSource reads, as
+    activations.hook_cache.build_cache writes it per hook), ``shard_tokens`` rows a shard; returns ``path``."""
+    import json
+    from pathlib import Path
+
+    from safetensors.torch import save_file
+    path = Path(path)
+    path.mkdir(parents=True)
+    shards = []
+    for i, a in enumerate(range(0, acts.shape[0], shard_tokens)):
+        name = f"shard_{i:05d}.safetensors"
+        save_file({"activations": acts[a:a + shard_tokens].contiguous(),
+                   "token_ids": token_ids[a:a + shard_tokens].to(torch.int32).contiguous(),
+                   "segments": segments[a:a + shard_tokens].to(torch.int8).contiguous()}, str(path / name))
+        shards.append({"file": name, "n_tokens": int(acts[a:a + shard_tokens].shape[0])})
+    dtype = str(acts.dtype).removeprefix("torch.")
+    (path / "manifest.json").write_text(json.dumps({
+        "format": "domain-sae-activation-cache", "version": 1, "d_in": int(acts.shape[1]),
+        "n_tokens": int(acts.shape[0]), "n_sequences": 0, "dtype": dtype, "exclude_special": exclude_special,
+        "shards": shards, "metadata": dict(metadata or {})}))
+    return path
+
+
 def kept_rows(stream: FakeTokenStream, act_fn, start: int, stop: int, exclude_special: bool = True):
     """Independent computation: activations, ids and segments of the kept positions of sequences [start, stop)."""
     acts, ids_out, segs_out = [], [], []

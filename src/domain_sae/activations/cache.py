@@ -1,13 +1,13 @@
-"""On-disk activation cache: one model pass, several SAEs.
+"""Reading an on-disk activation cache of one hook: one model pass, several SAEs.
 
-Layout of a cache directory (written atomically: into ``<name>.tmp-XXXX`` next to it, files fsync'ed, then
-``os.replace``; an interrupted build never leaves a half-written cache under the final name)::
+The caches are built by :func:`domain_sae.activations.hook_cache.build_cache` (`dsae cache`, the study), one folder
+per hook, each in this single-hook layout::
 
     manifest.json              {"format": "domain-sae-activation-cache", "version": 1, "d_in", "n_tokens",
-                                "n_sequences", "dtype", "exclude_special", "shards": [{"file", "n_tokens"}],
-                                "metadata": {...}}
-    shard_00000.safetensors    "activations" [n, d_in] (float16 by default), "token_ids" [n] int32,
-                               "segments" [n] int8 (segment codes, see data/segments.py)
+                                "n_sequences", "dtype", "exclude_special", "shards": [{"file", "n_tokens",
+                                "sha256"}], "metadata": {...}}
+    shard_00000.safetensors    "activations" [n, d_in], "token_ids" [n] int32, "segments" [n] int8 (segment codes,
+                               see data/segments.py), "positions" [n] int32
     ...
 
 Only the positions selected by the training mask are stored (padding never; special tokens only when the cache is
@@ -18,26 +18,20 @@ the live store's refill / shuffle / state logic; its cursor counts cache positio
 from __future__ import annotations
 
 import json
-import warnings
 from pathlib import Path
-from typing import Any, Callable, Iterable, Optional
+from typing import Any, Optional
 
 import numpy as np
 import torch
 
-from ..util.atomic import atomic_directory, remove_leftovers
-from ..util.outdirs import check_output_dir, write_marker
 from safetensors import safe_open
-from safetensors.torch import save_file
 
-from .live import (ActivationSourceError, ShuffleBufferSource, StoreStateError, kept_activations, read_sequences,
-                    training_mask)
+from .live import (ActivationSourceError, ShuffleBufferSource, StoreStateError, training_mask)
 
-__all__ = ["build_activation_cache", "CachedActivationSource", "CacheError", "read_manifest", "MANIFEST"]
+__all__ = ["CachedActivationSource", "CacheError", "read_manifest", "MANIFEST", "FORMAT"]
 
 MANIFEST = "manifest.json"
 FORMAT = "domain-sae-activation-cache"
-_DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
 
 
 class CacheError(ActivationSourceError):
@@ -48,8 +42,7 @@ def read_manifest(path: str | Path) -> dict:
     """The manifest of the cache at ``path``; :class:`CacheError` when it is not a complete cache."""
     p = Path(path) / MANIFEST
     if not p.is_file():
-        raise CacheError(f"{path} is not an activation cache (no {MANIFEST}); build one with "
-                         f"build_activation_cache().")
+        raise CacheError(f"{path} is not an activation cache (no {MANIFEST}); build one with dsae cache.")
     try:
         manifest = json.loads(p.read_text())
     except json.JSONDecodeError as e:
@@ -62,91 +55,8 @@ def read_manifest(path: str | Path) -> dict:
     return manifest
 
 
-def build_activation_cache(activation_fn: Callable[[torch.Tensor], torch.Tensor], token_stream: Iterable,
-                           path: str | Path, n_tokens: int, *, d_in: Optional[int] = None,
-                           model_batch_size: int = 8, exclude_special: bool = True, dtype: str = "float16",
-                           shard_tokens: Optional[int] = None, metadata: Optional[dict] = None,
-                           overwrite: bool = False) -> Path:
-    """Run ``activation_fn`` over ``token_stream`` and store the first ``n_tokens`` kept positions at ``path``.
-
-    ``activation_fn``/``token_stream`` are those of :class:`~.store.ActivationStore`. ``shard_tokens`` defaults to
-    about 256 MiB of activations per shard. A stream that ends early gives a smaller cache (with a warning; the
-    manifest holds the true count). Returns ``path``.
-    """
-    path = Path(path)
-    if dtype not in _DTYPES:
-        raise CacheError(f"dtype must be one of {sorted(_DTYPES)} (got {dtype!r}).")
-    if n_tokens <= 0:
-        raise CacheError(f"n_tokens must be positive (got {n_tokens}).")
-    # Only an activation cache (or an empty directory) is ever replaced; any other directory is refused.
-    if check_output_dir(path, "activation-cache", overwrite=overwrite, option="cache path") == "ours" \
-            and not overwrite:
-        raise CacheError(f"{path} already exists (an activation cache); choose another path or pass overwrite=True "
-                         f"to replace it.")
-    torch_dtype = _DTYPES[dtype]
-    path.parent.mkdir(parents=True, exist_ok=True)
-    remove_leftovers(path.parent, path.name)  # what a killed build of this cache left beside it
-    with atomic_directory(path) as tmp:  # a crash leaves the previous cache (or none), never half of one
-        shards: list[dict] = []
-        pending: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = []
-        n_pending = n_written = n_sequences = 0
-
-        def flush(limit: int) -> None:
-            nonlocal pending, n_pending, n_written
-            acts = torch.cat([p[0] for p in pending])
-            ids = torch.cat([p[1] for p in pending])
-            segs = torch.cat([p[2] for p in pending])
-            take = min(limit, acts.shape[0])
-            name = f"shard_{len(shards):05d}.safetensors"
-            save_file({"activations": acts[:take].contiguous(), "token_ids": ids[:take].contiguous(),
-                       "segments": segs[:take].contiguous()}, str(tmp / name))
-            shards.append({"file": name, "n_tokens": int(take)})
-            n_written += take
-            rest = (acts[take:], ids[take:], segs[take:])
-            pending = [rest] if rest[0].shape[0] else []
-            n_pending = rest[0].shape[0]
-
-        it = iter(token_stream)
-        done = False
-        while not done and n_written + n_pending < n_tokens:
-            chunk = read_sequences(it, model_batch_size)
-            if chunk is None:
-                break
-            ids, segs = chunk
-            done = ids.shape[0] < model_batch_size
-            n_sequences += ids.shape[0]
-            kept, mask = kept_activations(activation_fn, ids, segs, d_in=d_in, exclude_special=exclude_special,
-                                          error=CacheError)
-            d_in = int(kept.shape[-1])
-            sel32 = kept.detach().to("cpu", torch.float32)
-            sel = sel32.to(torch_dtype)
-            if not torch.isfinite(sel).all() and torch.isfinite(sel32).all():
-                raise CacheError(f"Activations overflow {dtype} (max |x| = {sel32.abs().max():.4g}); build the cache "
-                                 f"with dtype='float32' or 'bfloat16'.")
-            pending.append((sel, ids[mask].to(torch.int32), segs[mask].to(torch.int8)))
-            n_pending += sel.shape[0]
-            if shard_tokens is None:
-                shard_tokens = max(1, (256 * 2**20) // (d_in * sel.element_size()))
-            while n_pending >= shard_tokens and n_written < n_tokens:
-                flush(min(shard_tokens, n_tokens - n_written))
-        if n_pending and n_written < n_tokens:
-            flush(n_tokens - n_written)
-        if n_written == 0:
-            raise CacheError("The token stream gave no training positions; nothing to cache. Check the dataset and "
-                             "exclude_special.")
-        if n_written < n_tokens:
-            warnings.warn(f"The token stream ended after {n_written} kept positions; the cache at {path} holds "
-                          f"{n_written} of the {n_tokens} tokens asked for.", stacklevel=2)
-        manifest = {"format": FORMAT, "version": 1, "d_in": int(d_in), "n_tokens": int(n_written),
-                    "n_sequences": int(n_sequences), "dtype": dtype, "exclude_special": bool(exclude_special),
-                    "shards": shards, "metadata": dict(metadata or {})}
-        (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2))
-        write_marker(tmp, "activation-cache")
-    return path
-
-
 class CachedActivationSource(ShuffleBufferSource):
-    """Shuffled float32 batches from a cache built by :func:`build_activation_cache`.
+    """Shuffled float32 batches from a single-hook cache (module docstring).
 
     Same refill / shuffle / state logic as :class:`~.store.ActivationStore`: a refill reads the next cache positions
     in order until ``buffer_tokens`` are kept, shuffles them with a generator seeded by ``(seed, refill_index)``
@@ -179,10 +89,6 @@ class CachedActivationSource(ShuffleBufferSource):
 
     def _describe(self) -> str:
         return f"The activation cache {self.path}"
-
-    @property
-    def positions_consumed(self) -> int:
-        return self._cursor
 
     def _seek(self, cursor: int) -> None:
         if cursor < 0 or (cursor > self.n_tokens and not self.repeat):

@@ -47,7 +47,7 @@ def verify_checksums(path: Path, manifest: dict) -> None:
     for shard in manifest["shards"]:
         want = shard.get("sha256")
         if want is None:
-            continue  # caches of build_activation_cache carry no checksums
+            continue  # older single-hook caches carry no checksums
         got = sha256_file(path / shard["file"])
         if got != want:
             raise CacheError(f"Shard {path / shard['file']} of the activation cache is corrupt: its sha256 is "
