@@ -351,36 +351,29 @@ def cmd_eval(ns) -> int:
 
 
 def cmd_compare(ns) -> int:
-    from .study.config import load_study_config
-    from .study.full_config import is_full_config, load_full_config
-    from .study.run import estimate_minutes, run_study
-    if is_full_config(C.load_config_file(ns.study_config)):  # the rigorous study (configs/study_full.yaml)
-        from .study.full import run_full_study
-        results = run_full_study(load_full_config(ns.study_config), Path(ns.out) if ns.out else None)
-        print(f"Report: {results['report_md']}")
-        return 0
+    from .study import load_study_config
     cfg = load_study_config(ns.study_config)
-    out = prepare_output_dir(Path(ns.out or cfg.output_dir), "study", option="--out")
-    print(f"Estimated time: about {estimate_minutes(cfg):.0f} minutes on this machine.", flush=True)
-    results = run_study(cfg, out)
-    print(f"Report: {results.get('report_html', out)}")
-    return 0
+    return _study(cfg, Path(ns.out or cfg.output_dir), f"dsae compare {ns.study_config}")
 
 
 def cmd_demo(ns) -> int:
-    from .study.config import load_study_config
-    from .study.run import estimate_minutes, run_study
-    name = "study_quick.yaml" if ns.quick else "study_demo.yaml"
-    path = _bundled_config(name)
+    from .study import load_study_config
+    path = _bundled_config("study_quick.yaml" if ns.quick else "study_demo.yaml")
     cfg = load_study_config(path)
-    out = prepare_output_dir(Path(ns.out or ("demo_out/quick" if ns.quick else "demo_out/full")), "study",
-                             option="--out")
-    print(f"dsae demo{' --quick' if ns.quick else ''}: {path}; estimated time: about {estimate_minutes(cfg):.0f} "
-          f"minutes on this machine.", flush=True)
-    results = run_study(cfg, out)
-    print(f"Report: {results.get('report_html', out)}")
+    rc = _study(cfg, Path(ns.out or cfg.output_dir), f"dsae demo{' --quick' if ns.quick else ''} ({path})")
     print("The rigorous version (matched L0, 3 seeds, prose+chat+code general corpus, two depths, gap-closed curve, "
-          "baselines, sparse probing; resumable): dsae compare configs/study_full.yaml")
+          "baselines, sparse probing): dsae compare configs/study_full.yaml (docs/study.md)")
+    return rc
+
+
+def _study(cfg, out: Path, what: str) -> int:
+    """Run (or, in its own output directory, resume) the study: the output rule first, then the engine."""
+    from .study import estimate_minutes, run_study
+    out = prepare_output_dir(out, "study", option="--out")
+    print(f"{what}: estimated time about {estimate_minutes(cfg):.0f} minutes on 2 CPU cores; output in {out} (run "
+          f"the same command again after a kill: it continues).", flush=True)
+    results = run_study(cfg, out)
+    print(f"Report: {results['report_html']}")
     return 0
 
 
