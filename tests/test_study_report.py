@@ -84,6 +84,10 @@ def test_one_seed_uses_the_yardstick_of_the_general_seeds():
     row = next(x for x in g["budgets"] if x["budget"] == 256)
     assert row["defined"] and row["fraction"] == pytest.approx((0.581 - 0.5015) / (0.601 - 0.5015))
     assert row["text"] == f"{100 * row['fraction']:.0f}%"
+    # scratch worse than general: no gap to close (whatever the fine-tune does)
+    worse = domain_findings(cfg, "chat", [p for p in pts if p.condition != SC] + points({SC: 0.3}, seeds=(1,),
+                                                                                     ks=(5,)), [])
+    assert not any(r["defined"] for r in worse["metrics"]["ev"]["gaps"]["finetune"]["budgets"])
 
 
 def synthetic_results(cfg: StudyConfig, evil: str = "") -> dict:
@@ -127,7 +131,7 @@ def test_answer_is_at_most_five_sentences_with_the_numbers():
     assert text[0].startswith("Fine-tuning the general SAE on 256 domain tokens (50% of a scratch SAE's 512)")
     assert "0 of 1" in text[0]  # fine-tuned - scratch = -0.02, beyond t x se and the seed spread of 0.001
     assert "gap closed 80%" in text[1] and "controls: scratch_budget -50%" in text[1]
-    assert text[-1].startswith("Differences are called by the Welch test")
+    assert text[-1].startswith("Differences are called by a Welch test")
 
 
 def test_report_files_open_with_the_answer_and_are_self_contained(tmp_path):

@@ -72,7 +72,8 @@ class StudyConfig:
     context_size: int = inherit(TrainConfig, "context_size")
     holdout_fraction: float = inherit(TrainConfig, "holdout_fraction")
 
-    architecture: str = inherit(TrainConfig, "architecture")
+    architecture: str = opt("standard", "SAE architecture of every study SAE: standard or jumprelu (the sparsity "
+                            "ladder holds L1 coefficients), topk or batchtopk (it holds k).", group="sae")
     expansion_factor: int = inherit(TrainConfig, "expansion_factor")
     d_sae: Optional[int] = inherit(TrainConfig, "d_sae")
     sparsity: list[float] = opt([5.0], "The sparsity ladder, one run of every condition per value: L1 coefficients "

@@ -22,13 +22,14 @@ from ..config import DataConfig, to_dict
 from ..models.hooks import hook_d_in, resolve_hook
 from ..runs.single import load_lm
 from ..util.jsonsafe import jsonable, write_json
+from ..util.outdirs import prepare_output_dir
 from .analyses import ANALYSES, HookContext
 from .config import GENERAL, StudyConfig, slug
 from .findings import domain_findings
 from .inputs import StudyInputs
 from .measure import Measurements
 from .plan import estimate, format_plan
-from .report import write_report
+from .report import SCHEMA, SCHEMA_VERSION, write_report
 from .runs import SAEStore, main_runs, plan_runs
 
 QUESTION = ("Does fine-tuning a general SAE on domain data give the benefit of a domain SAE trained from scratch, "
@@ -38,7 +39,8 @@ QUESTION = ("Does fine-tuning a general SAE on domain data give the benefit of a
 def _identity(cfg: StudyConfig, *extra: Any) -> str:
     """A key of everything a cached hook result depends on: the options (not where the output goes) and ``extra``."""
     values = {k: v for k, v in to_dict(cfg).items() if k != "output_dir"}
-    return hashlib.sha256(json.dumps([values, *extra], sort_keys=True, default=str).encode()).hexdigest()[:16]
+    return hashlib.sha256(json.dumps([SCHEMA_VERSION, values, *extra], sort_keys=True,
+                                     default=str).encode()).hexdigest()[:16]
 
 
 def _cached(path: Path, key: str, fn: Callable[[], dict]) -> dict:
@@ -113,11 +115,11 @@ def _hook_results(cfg: StudyConfig, hook: str, hout: Path, lm: Any, inputs: Stud
 def run_study(cfg: StudyConfig, out_dir: Optional[str | Path] = None, *, lm: Any = None,
               log: Callable[[str], None] = print, keep_cache: bool = False) -> dict:
     """Run (or resume) the study and write results.json, report.md, report.html and the figures into ``out_dir``
-    (default ``cfg.output_dir``, prepared by the caller: ``util.outdirs.prepare_output_dir(out, "study")``);
-    returns the results dict plus the report paths. ``lm``: an already loaded model (tests, notebooks)."""
+    (default ``cfg.output_dir``; the one rule for output directories: a new, empty or earlier study directory,
+    :func:`~domain_sae.util.outdirs.prepare_output_dir`); returns the results dict plus the report paths. ``lm``: an
+    already loaded model (tests, notebooks)."""
     cfg.validate()
-    out = Path(out_dir or cfg.output_dir)
-    out.mkdir(parents=True, exist_ok=True)
+    out = prepare_output_dir(Path(out_dir or cfg.output_dir), "study", option="--out")
     est = estimate(cfg)
     log(format_plan(cfg, est))
     t0 = time.monotonic()
@@ -139,7 +141,7 @@ def run_study(cfg: StudyConfig, out_dir: Optional[str | Path] = None, *, lm: Any
                                           "tokens": r.tokens(cfg), "parent": r.parent() and r.parent().dirname(
                                               cfg.sparsity_knob)} for r in plan_runs(cfg)}
     results: dict[str, Any] = {
-        "schema": "domain-sae/study-results", "schema_version": 2, "question": QUESTION,
+        "schema": SCHEMA, "schema_version": SCHEMA_VERSION, "question": QUESTION,
         "config": to_dict(cfg), "model": {"name": cfg.model, "source": getattr(lm, "source", None)},
         "estimate": est, "runs": runs, "hooks": hooks, "versions": _versions(),
         "timing_seconds": {"total": round(time.monotonic() - t0, 1)}}

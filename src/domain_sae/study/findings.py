@@ -31,8 +31,10 @@ from .runs import KINDS, Run
 
 METRICS = {"ce": "CE-loss score", "ev": "explained variance"}
 FACTOR, MIN_SPREAD = 2.0, 0.002
-TESTS = {"welch": "Welch test over seeds with the per-document errors, beyond the seed spread",
-         "yardstick": f"beyond {FACTOR:g}× the seed-to-seed spread of the general SAE (one seed per condition)"}
+TESTS = {"welch": "a Welch test over seeds with the per-document errors, beyond the seed spread",
+         "yardstick": f"a yardstick (one seed per condition): beyond {FACTOR:g}× the seed-to-seed spread of the "
+                      f"general SAE"}
+NO_GAP = "undefined (scratch is not better than general beyond the test)"
 
 
 def condition(kind: str, domain: Optional[str], budget: Optional[int] = None) -> str:
@@ -98,21 +100,25 @@ def compare(points: Sequence[RunPoint], a: str, b: str, metric: str, l0: float, 
 
 def gap(cfg: StudyConfig, points: Sequence[RunPoint], d: str, kind: str, metric: str, l0: float, yard: float) -> dict:
     """Gap closed by ``kind`` at every budget (``gap_curve``; with one seed per condition, defined by the
-    yardstick)."""
+    yardstick). Defined only when scratch is better than general by the test: otherwise there is no gap to close."""
     scratch = condition("scratch", d)
     g = _safe(gap_curve, points, GENERAL, scratch, {b: condition(kind, d, b) for b in cfg.budgets}, metric, l0)
-    if "unavailable" in g or len(g["scratch"]) > 1 and len(g["general"]) > 1 or not g["budgets"]:
+    if "unavailable" in g or not g["budgets"]:
         return {**g, "test": "welch"}
-    defined = math.isfinite(yard) and abs(np.mean(g["scratch"]) - np.mean(g["general"])) > FACTOR * yard
+    test = "welch" if len(g["scratch"]) > 1 and len(g["general"]) > 1 else "yardstick"
+    gain = float(np.mean(g["scratch"]) - np.mean(g["general"]))
+    defined = gain > 0 and (g["budgets"][0]["defined"] if test == "welch" else gain > FACTOR * yard)
     for r in g["budgets"]:
         r["defined"] = bool(defined)
-        r["text"] = (f"{100 * r['fraction']:.0f}%" if defined else "undefined (scratch is not better than general "
-                     "beyond the yardstick)")
-    cross = {f"{t:g}": smallest_budget([r["budget"] for r in g["budgets"]], [r["fraction"] for r in g["budgets"]], t)
-             for t in (0.5, 0.9)}
-    g["smallest_budget"] = {k: {"target": v.target, "budget": v.budget, "status": v.status, "text": v.format()}
-                            for k, v in cross.items()} if defined else None
-    return {**g, "test": "yardstick"}
+        r["text"] = (r["text"] if test == "welch" else f"{100 * r['fraction']:.0f}%") if defined else NO_GAP
+    if test == "welch" and not defined:
+        g["smallest_budget"], g["why_no_budget"] = None, "scratch is not better than general beyond the test"
+    elif test == "yardstick":
+        cross = {f"{t:g}": smallest_budget([r["budget"] for r in g["budgets"]], [r["fraction"] for r in g["budgets"]],
+                                           t) for t in (0.5, 0.9)}
+        g["smallest_budget"] = {k: {"target": v.target, "budget": v.budget, "status": v.status, "text": v.format()}
+                                for k, v in cross.items()} if defined else None
+    return {**g, "test": test}
 
 
 def domain_findings(cfg: StudyConfig, d: str, on_domain: list[RunPoint], on_general: list[RunPoint]) -> dict:
@@ -127,7 +133,7 @@ def domain_findings(cfg: StudyConfig, d: str, on_domain: list[RunPoint], on_gene
         if not pts:
             continue
         m: dict = {"table": _safe(matched_summary, pts, [c for c in main if any(p.condition == c for p in pts)],
-                                  metric, n_grid=cfg.n_l0_grid)}
+                                  metric, n_grid=cfg.n_l0_grid if len(cfg.sparsity) > 1 else 1)}
         l0 = comparison_l0(cfg, pts, [GENERAL, scratch], metric)
         m["l0"] = l0
         if l0 is not None:
@@ -184,7 +190,7 @@ def _residual(points: list[RunPoint], d: str, metric: str) -> dict:
 def _where(cfg: StudyConfig, m: dict) -> str:
     if len(cfg.sparsity) > 1:
         return f"at L0 {m['l0']:.0f}"
-    return f"at {cfg.knob_label} {cfg.sparsity[0]:g} (one sparsity value: L0s not matched)"
+    return f"at {cfg.knob_label} {cfg.sparsity[0]:g}, L0s not matched"
 
 
 def _diff(m: dict, a: str, b: str) -> dict:
@@ -235,6 +241,6 @@ def answer(cfg: StudyConfig, hooks: dict) -> list[str]:
     else:
         first = f"The domain SAEs trained from scratch are compared with the general SAE on {names}."
     extra = f" ({len(per_hook) - 3} more hooks in the details)" if len(per_hook) > 3 else ""
-    last = ("Differences are called by the " + " and the ".join(TESTS[t] for t in sorted(tests)) + extra
+    last = ("Differences are called by " + " and by ".join(TESTS[t] for t in sorted(tests)) + extra
             + "; the details, every control and every number follow." if tests else "Details follow.")
     return [first] + per_hook[:3] + [last]
