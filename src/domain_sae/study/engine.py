@@ -43,18 +43,18 @@ def _identity(cfg: StudyConfig, *extra: Any) -> str:
                                      default=str).encode()).hexdigest()[:16]
 
 
-def _cached(path: Path, key: str, fn: Callable[[], dict]) -> dict:
-    """``fn()`` unless ``path`` holds a result of the same ``key``; a non-empty result is written (atomically, strict
-    JSON)."""
+def _saved(path: Path, key: str) -> Optional[dict]:
+    """The result saved at ``path`` if it was saved under ``key``, else None."""
     try:
         saved = json.loads(path.read_text())
-        if saved.get("key") == key:
-            return saved["value"]
-    except (OSError, ValueError, AttributeError):
-        pass
-    value = jsonable(fn())
-    if value:
-        write_json(path, {"key": key, "value": value}, indent=1)
+        return saved["value"] if saved.get("key") == key else None
+    except (OSError, ValueError, KeyError, AttributeError):
+        return None
+
+
+def _save(path: Path, key: str, value: Any) -> dict:
+    value = jsonable(value)
+    write_json(path, {"key": key, "value": value}, indent=1)
     return value
 
 
@@ -70,14 +70,12 @@ def hook_study(cfg: StudyConfig, hook: str, out: Path, lm: Any, inputs: StudyInp
     def key() -> str:
         return _identity(cfg, hook, [meas.trained_id(r) for r in runs])
     path = hout / "hook.json"
-    if all(store.is_done(r) for r in runs):
-        saved = _cached(path, key(), lambda: {})
-        if saved:
-            log(f"[study] {hook}: finished earlier, results reused ({path})")
-            return saved
-    value = jsonable(_hook_results(cfg, hook, hout, lm, inputs, store, meas, log))
-    write_json(path, {"key": key(), "value": value}, indent=1)
-    return value
+    saved = _saved(path, key()) if all(store.is_done(r) for r in runs) else None
+    if saved is not None:
+        log(f"[study] {hook}: finished earlier, results reused ({path})")
+        return saved
+    value = _hook_results(cfg, hook, hout, lm, inputs, store, meas, log)
+    return _save(path, key(), value)
 
 
 def _hook_results(cfg: StudyConfig, hook: str, hout: Path, lm: Any, inputs: StudyInputs, store: SAEStore,
@@ -100,8 +98,11 @@ def _hook_results(cfg: StudyConfig, hook: str, hout: Path, lm: Any, inputs: Stud
     key = _identity(cfg, hook, [meas.trained_id(r) for r in main.values()])
     analyses = {}
     for name in cfg.analyses:
-        log(f"[study]   {hook}: {name}")
-        analyses[name] = _cached(hout / "analyses" / f"{name}.json", key, lambda name=name: ANALYSES[name](ctx))
+        path = hout / "analyses" / f"{name}.json"
+        analyses[name] = _saved(path, key)
+        if analyses[name] is None:
+            log(f"[study]   {hook}: {name}")
+            analyses[name] = _save(path, key, ANALYSES[name](ctx))
     point = resolve_hook(lm.model, hook)
     return {"d_in": hook_d_in(lm.model, point), "sampling": dict(inputs.sampling),
             "measurements": {r.dirname(cfg.sparsity_knob): {"condition": r.condition, "seed": r.seed,
