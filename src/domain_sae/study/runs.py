@@ -29,6 +29,7 @@ from ..data.mixture import weighted_shares
 from ..runs import single
 from ..sae.io import load_sae
 from ..sae.residual import ResidualStackSAE
+from ..util.jsonsafe import write_json
 from .config import GENERAL, StudyConfig, study_schedule
 
 DONE_MARKER = "study_done.json"
@@ -268,9 +269,8 @@ class SAEStore:
         t = time.monotonic()
         tcfg = self.train_config(run)
         res = single.train(tcfg, lm=self.lm, source=source, init_sae=parent if k.init else None, quiet=True)
-        (self.run_dir(run) / DONE_MARKER).write_text(json.dumps(
-            {"condition": run.condition, "seconds": round(time.monotonic() - t, 1), "options": self._identity(run)},
-            indent=1))
+        write_json(self.run_dir(run) / DONE_MARKER, {"condition": run.condition, "seconds": round(
+            time.monotonic() - t, 1), "options": self._identity(run)}, indent=1)
         self.trained_now += 1
         self.log(f"[study]   {self.hook}: {run.condition} (seed {run.seed}, {self.cfg.knob_label} {run.sparsity:g}): "
                  f"{tcfg.training_tokens:,} tokens in {time.monotonic() - t:.0f} s")
