@@ -94,6 +94,7 @@ def test_rigorous_study_end_to_end_on_tiny_model(tiny_study):
 
 def test_stored_values_are_those_of_the_saved_saes(tiny_study):
     """Reload every main SAE from its run directory and recompute what results.json holds for it."""
+    from domain_sae.analysis.docstats import DocStats, metric_function, side_values
     from domain_sae.evaluation import evaluate_saes_on_tokens
     from domain_sae.sae.io import load_sae
     from domain_sae.study.inputs import StudyInputs
@@ -110,8 +111,10 @@ def test_stored_values_are_those_of_the_saved_saes(tiny_study):
         h = data.lm_sets["chat"]
         got = evaluate_saes_on_tokens({label: sae}, lm, HOOK, h.ids, h.segments, per_segment=False)[label].metrics
         want = stored["measurements"][rid]["lm"]["chat"]["metrics"]
+        docs = DocStats.load(out / HOOK / "measure" / f"{rid}.chat.npz")  # the paired statistics' input
         for key in ("metrics/ce_loss_score", "metrics/kl_div_score", "metrics/explained_variance"):
             assert got[key] == pytest.approx(want[key], abs=1e-5), (label, key)
+            assert float(side_values(docs, *metric_function(key), None)) == pytest.approx(want[key], abs=1e-6)
 
 
 def test_a_finished_study_is_read_back_without_training(tiny_study):

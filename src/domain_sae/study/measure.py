@@ -7,7 +7,10 @@ a finished SAE twice; a measurement is redone only when its run was retrained or
 - ``lm[set]``: the evaluation's metrics with the SAE spliced in (:func:`domain_sae.evaluation.evaluate_saes_on_tokens`:
   CE-loss score, KL score, Δ CE, EV, L0, dead fraction, per segment) with bootstrap standard errors over held-out
   documents (``n_bootstrap``); the runs of :func:`.runs.wants_lm`. SAEs are evaluated in groups of
-  :data:`CE_GROUP` that share the clean and ablation passes.
+  :data:`CE_GROUP` that share the clean and ablation passes. Beside it, ``<run dir>.<set>.npz``: the per-document
+  sums of that evaluation (:class:`domain_sae.analysis.docstats.DocStats`, :meth:`Measurements.doc_stats`), so
+  that any two runs measured on a set can be compared by a paired bootstrap over its documents
+  (:mod:`domain_sae.analysis.paired`).
 """
 
 from __future__ import annotations
@@ -20,6 +23,7 @@ from typing import Any, Callable, Sequence
 
 import torch
 
+from ..analysis.docstats import DocStats
 from ..analysis.matched import RunPoint, ev_with_se
 from ..evaluation import evaluate_saes_on_tokens
 from ..util.jsonsafe import write_json
@@ -111,6 +115,7 @@ class Measurements:
                                               per_segment=True, doc_ids=h.docs, n_bootstrap=self.cfg.n_bootstrap,
                                               bootstrap_seed=self.cfg.seeds[0])
                 for i, r in enumerate(group):
+                    DocStats.from_result(res[str(i)]).save(self._docs_path(r, s))
                     self.get(r)["lm"][s] = _lm_record(res[str(i)], int(h.mask.sum()))
                     self._save(r)
                 done += len(group)
@@ -118,6 +123,13 @@ class Measurements:
                 left = (time.monotonic() - t0) / done * (total - done)
                 self.log(f"[study]   {self.store.hook}: {done}/{total} pairs measured, about {left / 60:.0f} min left")
         return done
+
+    def _docs_path(self, run: Run, s: str) -> Path:
+        return self.dir / f"{run.dirname(self.cfg.sparsity_knob)}.{s}.npz"
+
+    def doc_stats(self, run: Run, s: str) -> DocStats:
+        """The per-document sums of ``run``'s model-pass measurement on set ``s`` (paired comparisons)."""
+        return DocStats.load(self._docs_path(run, s))
 
     def points(self, eval_set: str, runs: Sequence[Run]) -> list[RunPoint]:
         """Run points of ``runs`` on ``eval_set``: L0 (with a one-value sparsity ladder, the ladder's value: runs
