@@ -1,0 +1,7 @@
+"""`python -m domain_sae.cli` (and `torchrun ... -m domain_sae.cli train ...`)."""
+
+import sys
+
+from . import main
+
+sys.exit(main())
