@@ -60,6 +60,16 @@ def tiny_lm(smol_tokenizer):
                        source="in-process", family="llama")
 
 
+@pytest.fixture
+def tiny_model_dir(tmp_path, smol_tokenizer):
+    """The tiny random Llama of :func:`tiny_lm` saved as a model directory (with the SmolLM2 tokenizer): what a
+    command-line test passes as --model."""
+    d = tmp_path / "tiny-model"
+    make_tiny_model("llama").save_pretrained(d)
+    smol_tokenizer.save_pretrained(d)
+    return d
+
+
 @pytest.fixture(scope="session")
 def smol_lm():
     """The real offline default model (SmolLM2-135M-Instruct); ~15 s to load."""

@@ -12,7 +12,6 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from conftest import make_tiny_model
 from domain_sae.runs import single as pipeline
 from domain_sae.activations.cache import CacheError
 from domain_sae.activations.hook_cache import build_cache
@@ -150,14 +149,6 @@ def test_cli_cache_refuses_foreign_directories(tmp_path, capsys):
     (other / "notes.txt").write_text("keep")
     assert main(["cache", "--model", "tiny-llama", "--hook", H1, "--tokens", "10", "--out", str(other)]) == 2
     assert "not empty" in capsys.readouterr().err and (other / "notes.txt").read_text() == "keep"
-
-
-@pytest.fixture
-def tiny_model_dir(tmp_path, smol_tokenizer):
-    d = tmp_path / "tiny-model"
-    make_tiny_model("llama").save_pretrained(d)
-    smol_tokenizer.save_pretrained(d)
-    return d
 
 
 def test_cli_cache_then_train_from_it_and_under_torchrun(tmp_path, tiny_model_dir, capsys):

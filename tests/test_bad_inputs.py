@@ -21,14 +21,6 @@ HOOK = "blocks.1.hook_resid_post"
 SENTINEL = b"my notes \x00\xff -- do not delete\n"
 
 
-@pytest.fixture
-def model_dir(tmp_path, smol_tokenizer):
-    d = tmp_path / "tiny-model"
-    make_tiny_model("llama").save_pretrained(d)
-    smol_tokenizer.save_pretrained(d)
-    return d
-
-
 def sentinel(directory):
     """A user's file in ``directory`` (created with its parents); returns its path."""
     directory.mkdir(parents=True, exist_ok=True)
@@ -55,8 +47,8 @@ def assert_one_paragraph(err: str, *needles: str) -> None:
         assert n in text, (n, err)
 
 
-def train_args(model_dir, out, *extra):
-    return ["train", "--model", model_dir, "--hook", HOOK, "--data", "code", "--max-rows", "20", "--context-size",
+def train_args(tiny_model_dir, out, *extra):
+    return ["train", "--model", tiny_model_dir, "--hook", HOOK, "--data", "code", "--max-rows", "20", "--context-size",
             "32", "--training-tokens", "512", "--train-batch-size-tokens", "256", "--buffer-size-tokens", "512",
             "--eval-every", "0", "--output-dir", out, *extra]
 
@@ -106,10 +98,10 @@ def test_study_domain_name_with_dotdot_is_refused(tmp_path, capsys):
     assert not (tmp_path / "out").exists()
 
 
-def test_cli_run_name_with_separator(tmp_path, model_dir, capsys):
+def test_cli_run_name_with_separator(tmp_path, tiny_model_dir, capsys):
     victim = tmp_path / "victim"
     note = sentinel(victim)
-    rc, err = run_cli(train_args(model_dir, tmp_path / "runs", "--run-name", "../victim", "--overwrite"), capsys)
+    rc, err = run_cli(train_args(tiny_model_dir, tmp_path / "runs", "--run-name", "../victim", "--overwrite"), capsys)
     assert rc == 2
     assert_one_paragraph(err, "run_name", "single path component")
     assert intact(note)
@@ -118,15 +110,15 @@ def test_cli_run_name_with_separator(tmp_path, model_dir, capsys):
 # --------------------------------------------------------------------------------------------------------------
 # 2. --overwrite replaces only a domain-sae run; every writer refuses a foreign non-empty directory
 
-def test_overwrite_refuses_a_directory_that_is_not_a_run(tmp_path, model_dir, capsys):
+def test_overwrite_refuses_a_directory_that_is_not_a_run(tmp_path, tiny_model_dir, capsys):
     note = sentinel(tmp_path / "runs" / "userdir2")
-    rc, err = run_cli(train_args(model_dir, tmp_path / "runs", "--run-name", "userdir2", "--overwrite"), capsys)
+    rc, err = run_cli(train_args(tiny_model_dir, tmp_path / "runs", "--run-name", "userdir2", "--overwrite"), capsys)
     assert rc == 2
     assert_one_paragraph(err, "userdir2", "does not hold a domain-sae training run", "only replaces")
     assert "pass --overwrite" not in err
     assert intact(note)
     # without --overwrite the refusal does not recommend it either
-    rc, err = run_cli(train_args(model_dir, tmp_path / "runs", "--run-name", "userdir2"), capsys)
+    rc, err = run_cli(train_args(tiny_model_dir, tmp_path / "runs", "--run-name", "userdir2"), capsys)
     assert rc == 2 and "--overwrite" not in err
     assert_one_paragraph(err, "Choose a new or empty directory")
     assert intact(note) and sorted(p.name for p in note.parent.iterdir()) == ["notes.md"]
@@ -211,9 +203,9 @@ def test_output_dir_rules():
     ("--holdout-fraction", "1", "holdout_fraction must be in [0, 1)"),
     ("--dead-feature-threshold", "2", "dead_feature_threshold"),
 ])
-def test_float_options_are_validated_before_anything_is_created(tmp_path, model_dir, capsys, flag, value, needle):
+def test_float_options_are_validated_before_anything_is_created(tmp_path, tiny_model_dir, capsys, flag, value, needle):
     note = sentinel(tmp_path / "runs")
-    rc, err = run_cli(train_args(model_dir, tmp_path / "runs", "--run-name", "r", flag, value), capsys)
+    rc, err = run_cli(train_args(tiny_model_dir, tmp_path / "runs", "--run-name", "r", flag, value), capsys)
     assert rc == 2
     assert_one_paragraph(err, needle)
     assert intact(note) and sorted(p.name for p in note.parent.iterdir()) == ["notes.md"]
@@ -258,8 +250,8 @@ def test_non_finite_loss_stops_the_run_and_keeps_the_last_good_checkpoint(tmp_pa
     assert json.loads((run / "status.json").read_text())["state"] == "failed"
 
 
-def test_lr_too_high_is_reported_not_saved(tmp_path, model_dir, capsys):
-    rc, err = run_cli(train_args(model_dir, tmp_path / "runs", "--run-name", "hot", "--lr", "1e6",
+def test_lr_too_high_is_reported_not_saved(tmp_path, tiny_model_dir, capsys):
+    rc, err = run_cli(train_args(tiny_model_dir, tmp_path / "runs", "--run-name", "hot", "--lr", "1e6",
                                  "--training-tokens", "2560"), capsys)
     assert rc == 2
     assert_one_paragraph(err, "diverged", "lower --lr")
@@ -304,15 +296,15 @@ def test_output_dir_or_run_name_that_is_a_file_fails_before_the_model_loads(tmp_
     assert rc == 2 and intact(f) and "is a file" in err
 
 
-def test_eval_out_file_and_no_out_before_checks(tmp_path, model_dir, capsys):
+def test_eval_out_file_and_no_out_before_checks(tmp_path, tiny_model_dir, capsys):
     sae = saved_sae(tmp_path / "sae")
     f = tmp_path / "afile"
     f.write_bytes(SENTINEL)
-    rc, err = run_cli(["eval", sae, "--model", model_dir, "--data", "chat", "--out", f], capsys)
+    rc, err = run_cli(["eval", sae, "--model", tiny_model_dir, "--data", "chat", "--out", f], capsys)
     assert rc == 2 and intact(f)
     assert_one_paragraph(err, "is a file")
     out = tmp_path / "never"
-    rc, err = run_cli(["eval", sae, "--model", model_dir, "--data", "chat", "--hook", "blocks.0.hook_mlp_out",
+    rc, err = run_cli(["eval", sae, "--model", tiny_model_dir, "--data", "chat", "--hook", "blocks.0.hook_mlp_out",
                        "--out", out], capsys)
     assert rc == 2 and "Traceback" not in err
     assert not out.exists()
@@ -383,9 +375,9 @@ def _as_killed_before_first_checkpoint(run, pid):
     (run / "status.json").write_text(json.dumps({"state": "running", "pid": pid, "host": socket.gethostname()}))
 
 
-def test_run_killed_before_first_checkpoint_restarts(tmp_path, model_dir, capsys):
+def test_run_killed_before_first_checkpoint_restarts(tmp_path, tiny_model_dir, capsys):
     import socket
-    args = train_args(model_dir, tmp_path / "runs", "--run-name", "k")
+    args = train_args(tiny_model_dir, tmp_path / "runs", "--run-name", "k")
     assert main([str(a) for a in args]) == 0
     run = tmp_path / "runs" / "k"
     status = json.loads((run / "status.json").read_text())
@@ -404,10 +396,10 @@ def test_run_killed_before_first_checkpoint_restarts(tmp_path, model_dir, capsys
     assert note.read_bytes() == SENTINEL
 
 
-def test_live_process_is_reported_running(tmp_path, model_dir, capsys):
+def test_live_process_is_reported_running(tmp_path, tiny_model_dir, capsys):
     import subprocess
     import sys
-    args = train_args(model_dir, tmp_path / "runs", "--run-name", "live")
+    args = train_args(tiny_model_dir, tmp_path / "runs", "--run-name", "live")
     assert main([str(a) for a in args]) == 0
     run = tmp_path / "runs" / "live"
     proc = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
@@ -435,18 +427,18 @@ def test_resume_cleans_every_temporary_directory(tmp_path, tiny_lm):
     (run / "sae.tmp-abc123" / "cfg.json").write_text("{}")
     (run / "sae.old-xyz").mkdir()
     (run / "checkpoints" / "step_00000099.tmp-q").mkdir()
-    (run / "status.tmp").write_text("{")
+    (run / ".status.json.tmp-k1ll3d").write_text("{")  # a kill during a status write (util.atomic.atomic_file)
     pipeline.write_status(run, "interrupted")
     pipeline.resume(run, lm=tiny_lm)
-    left = [p for p in run.rglob("*") if ".tmp-" in p.name or ".old-" in p.name or p.name == "status.tmp"]
+    left = [p for p in run.rglob("*") if ".tmp-" in p.name or ".old-" in p.name]
     assert left == [] and (run / "sae" / "cfg.json").is_file()
 
 
 # --------------------------------------------------------------------------------------------------------------
 # 11. CLI: no abbreviations, "did you mean", paths that do not exist
 
-def test_option_prefixes_are_refused_with_a_suggestion(tmp_path, model_dir, capsys):
-    rc, err = run_cli(train_args(model_dir, tmp_path / "runs", "--training-tok", "8192"), capsys)
+def test_option_prefixes_are_refused_with_a_suggestion(tmp_path, tiny_model_dir, capsys):
+    rc, err = run_cli(train_args(tiny_model_dir, tmp_path / "runs", "--training-tok", "8192"), capsys)
     assert rc == 2 and "Traceback" not in err
     assert "'--training-tok'" in err and "did you mean --training-tokens" in err
     assert not (tmp_path / "runs").exists()

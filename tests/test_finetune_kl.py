@@ -10,7 +10,6 @@ import shutil
 import pytest
 import torch
 
-from conftest import make_tiny_model
 from domain_sae.cli import main
 from domain_sae.config import ConfigError, TrainConfig, build_config
 from domain_sae.data.segments import PAD, SPECIAL
@@ -152,14 +151,6 @@ def test_bad_combinations_are_refused(tmp_path, tiny_lm):
     with pytest.raises(ConfigError, match="an activation source"):
         pipeline.train(tiny_cfg(tmp_path, objective="kl"), lm=tiny_lm, source=SyntheticSparseSource())
     assert not (tmp_path / "runs").exists()
-
-
-@pytest.fixture
-def tiny_model_dir(tmp_path, smol_tokenizer):
-    d = tmp_path / "tiny-model"
-    make_tiny_model("llama").save_pretrained(d)
-    smol_tokenizer.save_pretrained(d)
-    return d
 
 
 def test_cli_finetune_objective_kl(tmp_path, tiny_model_dir, capsys):

@@ -8,7 +8,6 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from conftest import make_tiny_model
 from domain_sae.runs import single as pipeline
 from domain_sae.cli import main
 from domain_sae.config import ConfigError, TrainConfig, build_config
@@ -163,14 +162,6 @@ def test_finetune_refuses_mismatched_parent(tmp_path, tiny_lm):
         pipeline.finetune(cfg, lm=tiny_lm, quiet=True)
     with pytest.raises(ConfigError, match="--from"):
         pipeline.finetune(tiny_cfg(tmp_path), lm=tiny_lm)
-
-
-@pytest.fixture
-def tiny_model_dir(tmp_path, smol_tokenizer):
-    d = tmp_path / "tiny-model"
-    make_tiny_model("llama").save_pretrained(d)
-    smol_tokenizer.save_pretrained(d)
-    return d
 
 
 def test_cli_train_and_clear_errors(tmp_path, tiny_model_dir, capsys):

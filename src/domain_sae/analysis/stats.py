@@ -57,7 +57,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Callable, Mapping, Optional, Sequence
+from typing import Callable, Optional, Sequence
 
 import numpy as np
 from scipy import stats as sps
@@ -66,8 +66,7 @@ from ..errors import UserError
 
 __all__ = ["ExtrapolationError", "Frontier", "interpolate_at_l0", "common_l0_range", "l0_grid", "matched_values",
            "SeedSummary", "seed_summary", "bootstrap_ci", "DifferenceTest", "difference_test", "gap_closed",
-           "GapClosed", "gap_closed_interval", "BudgetCrossing", "smallest_budget", "jackknife_ratio_se",
-           "summarise_conditions"]
+           "GapClosed", "gap_closed_interval", "BudgetCrossing", "smallest_budget", "jackknife_ratio_se"]
 
 
 class ExtrapolationError(UserError):
@@ -335,8 +334,3 @@ def jackknife_ratio_se(numerators: Sequence[float], denominators: Sequence[float
         return math.nan
     theta = (n.sum() - n) / (d.sum() - d)
     return float(math.sqrt((k - 1) / k * float(((theta - theta.mean()) ** 2).sum())))
-
-
-def summarise_conditions(values: Mapping[str, Sequence[float]]) -> dict[str, SeedSummary]:
-    """:func:`seed_summary` of every condition."""
-    return {k: seed_summary(v) for k, v in values.items()}

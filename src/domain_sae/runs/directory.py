@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Iterable, Iterator, Optional
 
 from ..util.atomic import remove_leftovers
+from ..util.jsonsafe import write_json
 from ..config import TrainConfig, from_dict, to_dict
 from ..errors import RunDirError
 from ..util.outdirs import check_output_dir, write_marker
@@ -46,11 +47,8 @@ def read_status(run_dir: Path) -> dict:
 def write_status(run_dir: Path, state: str, **extra) -> None:
     """status.json = {"state", "pid", "host", ...}: the process that last wrote it, so that a run whose process
     died is not reported as running."""
-    p = Path(run_dir) / STATUS_FILE
-    tmp = p.with_suffix(".tmp")
-    tmp.write_text(json.dumps({"state": state, "pid": os.getpid(), "host": socket.gethostname(), **extra},
-                              indent=2))
-    tmp.replace(p)
+    write_json(Path(run_dir) / STATUS_FILE, {"state": state, "pid": os.getpid(), "host": socket.gethostname(),
+                                             **extra})
 
 
 def process_alive(status: dict) -> Optional[bool]:
@@ -133,7 +131,7 @@ def prepare_run_dir(run_dir: Path, cfg: TrainConfig) -> str:
     run_dir.mkdir(parents=True, exist_ok=True)
     write_marker(run_dir, "run")
     remove_temporaries(run_dir)
-    (run_dir / CONFIG_FILE).write_text(json.dumps(to_dict(cfg), indent=2))
+    write_json(run_dir / CONFIG_FILE, to_dict(cfg))
     return action
 
 
@@ -168,12 +166,11 @@ def run_status(run_dirs: Iterable[Path], *, remove_if_unstarted: bool = False) -
 
 def remove_temporaries(run_dir: Path) -> None:
     """Delete what interrupted atomic writes left in the run directory and its checkpoints/ (``*.tmp-*``,
-    ``*.old-*``, e.g. ``sae.tmp-*`` from a kill during the final save) and a half-written status."""
+    ``*.old-*``, e.g. ``sae.tmp-*`` from a kill during the final save, ``.status.json.tmp-*``)."""
     from ..training.checkpoint import cleanup_incomplete
     run_dir = Path(run_dir)
     remove_leftovers(run_dir)
     cleanup_incomplete(run_dir)
-    (run_dir / STATUS_FILE).with_suffix(".tmp").unlink(missing_ok=True)
 
 
 def load_run_config(run_dir: Path) -> TrainConfig:

@@ -20,6 +20,7 @@ import torch
 
 from ..config import ConfigError, TrainConfig, from_dict, to_dict
 from ..errors import RunDirError
+from ..util.jsonsafe import write_json
 from ..training import distributed
 from .directory import check_run_dir, prepare_run_dir, read_status, run_status
 from .kl_objective import check_end_to_end
@@ -98,7 +99,7 @@ def train_many(cfg: TrainConfig, saes: list, *, lm=None, quiet: bool = False, re
                              seed=cfg.seed, device="cpu")
     if not resume:
         prepare_output_dir(group, "multi-sae-run", option="--output-dir/--run-name")
-        (group / MULTI_FILE).write_text(json.dumps({"base": to_dict(cfg), "saes": saes}, indent=2))
+        write_json(group / MULTI_FILE, {"base": to_dict(cfg), "saes": saes})
     runs = []
     for sub in subs:
         view = ColumnView(shared, offsets[sub.hook], offsets[sub.hook] + widths[sub.hook])

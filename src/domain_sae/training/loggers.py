@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any, Iterable, Optional
 
 from ..errors import UserError
+from ..util.atomic import atomic_write_text
 from ..util.jsonsafe import jsonable
 
 __all__ = ["Logger", "JSONLLogger", "ConsoleProgress", "WandbLogger", "MultiLogger", "WandbNotInstalledError",
@@ -82,13 +83,7 @@ class JSONLLogger(Logger):
         uninterrupted one. ``truncate_after(0)`` empties the log for a fresh start."""
         self.close()
         keep = [r for r in read_jsonl(self.path) if int(r.get("step", 0)) <= step]
-        tmp = self.path.with_name(self.path.name + ".tmp")
-        with open(tmp, "w") as f:
-            for r in keep:
-                f.write(json.dumps(r) + "\n")
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, self.path)
+        atomic_write_text(self.path, "".join(json.dumps(r) + "\n" for r in keep))
 
     def resume(self, step: int, tokens: int = 0) -> None:
         self.truncate_after(step)

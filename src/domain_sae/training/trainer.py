@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import copy
 import dataclasses
-import json
 import math
 import signal
 import sys
@@ -38,6 +37,7 @@ import torch
 
 from ..activations.live import SourceExhaustedError
 from ..errors import UserError
+from ..util.jsonsafe import write_json
 from ..evaluation.metrics import ReconstructionAccumulator
 from ..util.markdown import escape_markdown
 from ..sae.base import SAE
@@ -387,7 +387,7 @@ class Trainer:
         table = summary_table(records, extra)
         title = escape_markdown(self.run_dir.name)
         (self.run_dir / "summary.md").write_text(f"# Training summary: {title}\n\n{table}\n")
-        (self.run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
+        write_json(self.run_dir / "summary.json", summary)
         if self.verbose:
             print(f"\nTraining finished: {self.run_dir}\n{table}", flush=True)
         return summary
