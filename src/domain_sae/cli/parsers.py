@@ -120,9 +120,9 @@ def _feature_parsers(sub) -> None:
     for f in dataclasses.fields(FeatureOptions):
         if f.name in ("exclude_special",):
             continue
-        typ = float if f.type in ("float", "Optional[float]") else int
+        typ = float if "float" in str(f.type) else int
         fe.add_argument("--" + f.name.replace("_", "-"), dest=f.name, type=typ, default=None,
-                        help=f"(default {f.default})")
+                        help=f"{f.metadata['help']} (default {f.default})".replace("%", "%%"))
     da = sub.add_parser("dashboard", help="Serve the feature dashboard for a store (or export it as static files).")
     da.add_argument("store", help="Feature store made by `dsae features`.")
     da.add_argument("--port", type=int, default=8000, help="Port (default 8000).")

@@ -4,30 +4,32 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from ..config.fields import opt
+
 
 @dataclass
 class FeatureOptions:
     """Sizes of what is kept per latent, and how the build runs."""
-    top_k: int = 20                 # top activating contexts over all datasets
-    top_k_per_dataset: int = 10     # top contexts of each dataset (side by side)
-    window_before: int = 10         # context tokens shown before the firing token
-    window_after: int = 4           # ... and after it
-    n_intervals: int = 5            # equal-probability activation-quantile intervals
-    per_interval: int = 3           # samples per interval
-    reservoir: int = 256            # uniform sample of active positions per latent (quantiles, interval samples)
-    candidates_factor: int = 3      # top candidates kept per latent = factor * max(top_k, top_k_per_dataset)
-    n_logits: int = 10              # top positive / negative direct-path tokens
-    n_neighbours: int = 10          # nearest latents by decoder cosine
-    hist_bins: int = 100            # log10-activation histogram bins over [hist_lo, hist_hi]
-    hist_lo: float = -6.0
-    hist_hi: float = 4.0
-    batch_size: int = 8             # sequences per model forward
-    chunk_tokens: int = 0           # tokens per SAE-encode chunk (0: sized to ~256 MiB of temporaries)
-    exclude_special: bool = True    # special-token positions do not count in the statistics
-    match_threshold: float = 0.7    # decoder cosine for "matched" on the comparison page
-    max_hungarian_latents: int = 20000
-    seed: int = 0
-    max_memory_gb: float | None = None  # refuse to start when the prediction is above this
+    top_k: int = opt(20, 'Top activating contexts over all datasets.')
+    top_k_per_dataset: int = opt(10, 'Top contexts of each dataset (side by side).')
+    window_before: int = opt(10, 'Context tokens shown before the firing token.')
+    window_after: int = opt(4, 'Context tokens shown after the firing token.')
+    n_intervals: int = opt(5, 'Equal-probability activation-quantile intervals.')
+    per_interval: int = opt(3, 'Samples per interval.')
+    reservoir: int = opt(256, 'Uniform sample of active positions per latent (quantiles, interval samples).')
+    candidates_factor: int = opt(3, 'Top candidates kept per latent = factor * max(top_k, top_k_per_dataset).')
+    n_logits: int = opt(10, 'Top positive / negative direct-path tokens.')
+    n_neighbours: int = opt(10, 'Nearest latents by decoder cosine.')
+    hist_bins: int = opt(100, 'Log10-activation histogram bins over [hist_lo, hist_hi].')
+    hist_lo: float = opt(-6.0, 'Lower edge of the log10-activation histogram.')
+    hist_hi: float = opt(4.0, 'Upper edge of the log10-activation histogram.')
+    batch_size: int = opt(8, 'Sequences per model forward.')
+    chunk_tokens: int = opt(0, 'Tokens per SAE-encode chunk (0: sized to ~256 MiB of temporaries).')
+    exclude_special: bool = opt(True, 'Special-token positions do not count in the statistics.')
+    match_threshold: float = opt(0.7, 'Decoder cosine for "matched" on the comparison page.')
+    max_hungarian_latents: int = opt(20000, 'Largest SAE pair matched one-to-one (Hungarian) on the comparison page.')
+    seed: int = opt(0, 'Seed of the per-latent reservoir samples.')
+    max_memory_gb: float | None = opt(None, 'Refuse to start when the predicted peak memory is above this (GiB).')
 
     @property
     def n_candidates(self) -> int:
