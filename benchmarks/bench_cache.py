@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import resource
 import sys
 import tempfile
@@ -26,6 +25,7 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))
+from machine import cpu_model  # noqa: E402
 
 from domain_sae.runs import single as pipeline  # noqa: E402
 from domain_sae.activations.hook_cache import build_cache  # noqa: E402
@@ -81,7 +81,7 @@ def main(argv=None) -> dict:
               "expansion": a.expansion,
               "cache_dtype": a.dtype, "device": str(next(lm.model.parameters()).device),
               "gpu": torch.cuda.get_device_name() if torch.cuda.is_available() else None,
-              "cpu": platform.processor() or platform.machine(), "threads": torch.get_num_threads(),
+              "cpu": cpu_model(), "threads": torch.get_num_threads(),
               "cache_build_tokens_per_second": (a.tokens + 4 * a.batch) / build_s,
               "live_tokens_per_second": live_tps, "cache_tokens_per_second": cache_tps,
               "ratio": cache_tps / live_tps if live_tps else None, "peak_memory_mb": _peak_mb(), "tiny": a.tiny}

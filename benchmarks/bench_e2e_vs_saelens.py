@@ -35,7 +35,6 @@ import argparse
 import dataclasses
 import json
 import logging
-import platform
 import resource
 import sys
 import tempfile
@@ -46,6 +45,7 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))
+from machine import cpu_model  # noqa: E402
 
 from domain_sae.runs import single as pipeline  # noqa: E402
 from domain_sae.config import TrainConfig, build_config  # noqa: E402
@@ -146,7 +146,7 @@ def main(argv=None) -> dict:
             theirs = None
             print("sae_lens is not installed: run this inside .venv-saelens (make bench-saelens)")
     res = {"architecture": a.architecture, "k": a.k if a.architecture == "topk" else None, "data": a.data,
-           "cpu": platform.processor() or platform.machine(), "torch_threads": torch.get_num_threads(),
+           "cpu": cpu_model(), "torch_threads": torch.get_num_threads(),
            "tokens": a.tokens, "d_sae": a.expansion * 576, "context": a.context, "batch": a.batch,
            "ours_seconds": ours, "ours_tokens_per_second": a.tokens / ours,
            "saelens_seconds": theirs, "saelens_tokens_per_second": a.tokens / theirs if theirs else None,

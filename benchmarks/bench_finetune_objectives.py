@@ -19,7 +19,6 @@ import argparse
 import datetime
 import json
 import os
-import platform
 import sys
 import tempfile
 import time
@@ -29,19 +28,10 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))
+from machine import cpu_model  # noqa: E402
 
 from domain_sae.config import TrainConfig, build_config  # noqa: E402
 from domain_sae.runs import single as pipeline  # noqa: E402
-
-
-def _cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
 
 
 def main(argv=None) -> dict:
@@ -89,7 +79,7 @@ def main(argv=None) -> dict:
         base = next(x for x in rows if x["hook"] == r["hook"] and x["objective"] == "mse") \
             if "mse" in objectives else None
         r["slowdown_vs_mse"] = base["loop_tokens_per_s"] / r["loop_tokens_per_s"] if base else None
-    meta = {"date": datetime.date.today().isoformat(), "cpu": _cpu_model(), "cores": os.cpu_count(),
+    meta = {"date": datetime.date.today().isoformat(), "cpu": cpu_model(), "cores": os.cpu_count(),
             "torch_threads": torch.get_num_threads(), "cuda": torch.cuda.get_device_name(0)
             if torch.cuda.is_available() else None, "args": vars(a)}
     out = ROOT / "benchmarks" / "results"

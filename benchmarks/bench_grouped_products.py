@@ -19,11 +19,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import time
 from pathlib import Path
 
 import torch
+
+from machine import cpu_model
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -73,7 +74,7 @@ def main(argv=None) -> dict:
     p.add_argument("--out", default=str(ROOT / "benchmarks" / "results"))
     a = p.parse_args(argv)
     rows = [measure(n, a.batch, a.d_in, a.d_sae, a.device, a.reps) for n in (2, 4, 8)]
-    res = {"device": a.device, "cpu": platform.processor() or platform.machine(),
+    res = {"device": a.device, "cpu": cpu_model(),
            "gpu": torch.cuda.get_device_name() if a.device == "cuda" else None,
            "torch_threads": torch.get_num_threads(), "batch": a.batch, "d_in": a.d_in, "d_sae": a.d_sae, "rows": rows}
     out = Path(a.out)

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import resource
 import sys
 import tempfile
@@ -26,6 +25,7 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))
+from machine import cpu_model  # noqa: E402
 
 from domain_sae.runs import single as pipeline  # noqa: E402
 from domain_sae.config import TrainConfig, build_config  # noqa: E402
@@ -105,7 +105,7 @@ def main(argv=None) -> dict:
     flops_step = 12 * a.batch * d_in * d_sae
     peak = matmul_rate(a.batch, d_in, d_sae, device)
     res = {
-        "device": device, "cpu": platform.processor() or platform.machine(), "torch_threads": torch.get_num_threads(),
+        "device": device, "cpu": cpu_model(), "torch_threads": torch.get_num_threads(),
         "model": a.model, "hook": a.hook, "d_in": d_in, "d_sae": d_sae, "batch_tokens": a.batch,
         "sae_step": {"seconds_per_step": step_s, "tokens_per_second": a.batch / step_s,
                      "gflops_per_second": flops_step / step_s / 1e9,
