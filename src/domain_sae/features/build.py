@@ -37,7 +37,7 @@ from ..data.segments import training_mask
 from ..errors import UserError
 from ..evaluation.heldout_data import HeldoutData
 from ..evaluation.sae_set import SAESet
-from ..util.atomic import fsync_dir, fsync_file, remove_leftovers
+from ..util.atomic import move_into_place, remove_leftovers
 from .accumulate import LatentAccumulator, hist_edges
 from .compare import write_comparisons
 from .detok import token_texts
@@ -281,9 +281,7 @@ def build_feature_store(saes: SAESet, data: HeldoutData, out: str | Path, *, n_t
         put_meta(conn, "complete", True)
         conn.commit()
         conn.close()
-        fsync_file(db)
-        os.replace(db, out)
-        fsync_dir(out.parent)
+        move_into_place(db, out)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     prog.note(f"wrote {out} ({out.stat().st_size / 1e6:.1f} MB) in {time.perf_counter() - prog.t0:.1f} s")

@@ -75,12 +75,18 @@ def atomic_file(path: str | Path) -> Iterator[Path]:
     tmp = Path(name)
     try:
         yield tmp
-        fsync_file(tmp)
-        os.replace(tmp, path)
-        fsync_dir(path.parent)
+        move_into_place(tmp, path)
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
+
+
+def move_into_place(tmp: str | Path, path: str | Path) -> None:
+    """The last step of every atomic file write: fsync the finished file ``tmp``, rename it to ``path`` (same
+    file system; replaces an existing file) and fsync the directory so that the rename survives a crash."""
+    fsync_file(tmp)
+    os.replace(tmp, path)
+    fsync_dir(Path(path).parent)
 
 
 def atomic_write_bytes(path: str | Path, data: bytes) -> None:
