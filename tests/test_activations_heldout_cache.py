@@ -20,7 +20,6 @@ from domain_sae.evaluation import EvalError, HeldoutData, SAESet, eval_matrix
 from domain_sae.evaluation.uncertainty import RESAMPLING_BIASED
 from domain_sae.models.hooks import capture, resolve_hook
 from test_activations_hook_cache import H0, H1, Killed, data_cfg, files, kill_after_two, train_cfg
-from test_activations_hook_cache import tiny_model_dir  # noqa: F401 (a fixture)
 
 TOKENS = 640
 RECON = ("metrics/explained_variance", "metrics/explained_variance_per_token_mean", "metrics/mse", "metrics/l0",
@@ -135,7 +134,7 @@ def test_unusable_caches_are_refused(heldout_cache, sae_dir, tiny_lm, tmp_path):
     assert not any((tmp_path / f"e{i}").exists() for i in range(1, 6))
 
 
-def test_cli_cache_heldout_then_eval(tmp_path, tiny_model_dir, capsys):  # noqa: F811
+def test_cli_cache_heldout_then_eval(tmp_path, tiny_model_dir, capsys):
     data = ["--model", str(tiny_model_dir), "--data", "chat", "--max-rows", "300", "--context-size", "32"]
     assert main(["train", *data, "--hook", H1, "--training-tokens", "512", "--train-batch-size-tokens", "128",
                  "--buffer-size-tokens", "256", "--eval-every", "0", "--output-dir", str(tmp_path / "runs"),

@@ -17,7 +17,7 @@ from domain_sae.evaluation.uncertainty import DocumentSums, SumKey, reconstructi
     reconstruction_token_stats
 from domain_sae.sae.model_config import SAECompatibilityError
 from feature_helpers import HOOK, make_sae
-from test_activations_hook_cache import data_cfg, tiny_model_dir  # noqa: F401 (a fixture)
+from test_activations_hook_cache import data_cfg
 from test_bad_inputs import assert_one_paragraph, run_cli
 
 H1 = "blocks.1.hook_resid_post"
@@ -120,7 +120,7 @@ def test_typed_sum_keys_give_each_groups_reconstruction_metrics():
             assert float(got[key]) == pytest.approx(want[key], rel=1e-9, abs=1e-12), (name, key)
 
 
-def test_a_mismatched_sae_is_refused_alike_by_all_three_commands(tmp_path, tiny_lm, tiny_model_dir, capsys):  # noqa: F811
+def test_a_mismatched_sae_is_refused_alike_by_all_three_commands(tmp_path, tiny_lm, tiny_model_dir, capsys):
     """An SAE trained on another model: `dsae eval`, `dsae eval --activations` and `dsae features` give the same one
     paragraph of the one check, before anything is written."""
     sae = make_sae(1, metadata={"model_name": "gpt2", "holdout_fraction": 0.05})
