@@ -3,6 +3,8 @@
     train(cfg)            check the output location -> model and hook -> parts (source, evaluator, SAE, scale,
                           objective; :mod:`.parts`) -> run directory -> Trainer inside :func:`.directory.run_status`
     finetune(cfg)         train() starting from the SAE named by ``cfg.from_sae``
+    train_in_stages(cfg)  train() with pauses at given steps, where the caller decides whether to go on (the study's
+                          training to the plateau); a killed run continues from its last pause
     resume(run_dir)       the same parts from the run's saved config, the Trainer continued from its checkpoint
 
 Run directory layout (``output_dir/run_name``)::
@@ -18,12 +20,13 @@ Run directory layout (``output_dir/run_name``)::
 
 from __future__ import annotations
 
+import json
 import re
 import sys
 from pathlib import Path
-from typing import Optional
+from typing import Any, Callable, Optional, Sequence
 
-from ..config import ConfigError, TrainConfig
+from ..config import ConfigError, TrainConfig, to_dict
 from ..errors import RunDirError
 from ..training import distributed
 from ..util.outdirs import check_not_file
@@ -33,8 +36,8 @@ from .kl_objective import check_end_to_end
 from .parts import (TrainResult, activation_scale, assemble, live_activation_store, load_lm, load_parent_optimizer,
                     new_sae, open_model, sae_metadata, training_source)
 
-__all__ = ["train", "finetune", "resume", "TrainResult", "default_run_name", "check_sae_source", "load_lm",
-           "new_sae", "live_activation_store", "training_source", "activation_scale", "sae_metadata",
+__all__ = ["train", "train_in_stages", "finetune", "resume", "TrainResult", "default_run_name", "check_sae_source",
+           "load_lm", "new_sae", "live_activation_store", "training_source", "activation_scale", "sae_metadata",
            "write_status", "STATUS_FILE"]
 
 
@@ -85,6 +88,74 @@ def train(cfg: TrainConfig, *, lm=None, source=None, heldout=None, init_sae=None
             load_parent_optimizer(trainer, cfg.from_sae)
         summary = trainer.train()
     return parts.result(trainer, summary)
+
+
+def train_in_stages(cfg: TrainConfig, stops: Sequence[int], go_on: Callable[[int, Any], bool], *, lm=None,
+                    source=None, init_sae=None, quiet: bool = False) -> TrainResult:
+    """Train ``cfg`` (one process) with a pause after each optimizer step of ``stops`` (increasing, the last at most
+    ``cfg.total_steps``): there the SAE (``sae/``) and the full training state (checkpoint ``step_<s>``, the one
+    before it removed) are written and ``go_on(s, folded SAE)`` decides whether to train on to the next stop (False:
+    the run ends there, complete). The learning-rate schedule must not depend on where the run ends (constant
+    after warm-up, no decay) for the pauses to be free. A run directory of the same options with a checkpoint (a
+    killed run) continues from it: exactly, the same batches and random draws as an uninterrupted run; ``go_on``
+    is then asked again at the checkpoint's step. Global RNG states are restored after ``go_on``, so what it
+    computes cannot change the training."""
+    from ..training import checkpoint as ckpt
+    cfg.validate()
+    if not stops or list(stops) != sorted(set(stops)) or stops[0] < 1 or stops[-1] > cfg.total_steps:
+        raise ConfigError(f"train_in_stages needs increasing stops in [1, {cfg.total_steps}]; got {list(stops)}.")
+    _init_distributed(cfg)
+    check_end_to_end(cfg, source=source)
+    run_dir = Path(cfg.output_dir) / cfg.run_name
+    last = _stage_checkpoint(run_dir, cfg)
+    lm, hook, d_in = open_model(cfg, lm)
+    parts = assemble(cfg, run_dir, lm, hook, d_in, source=source, init_sae=init_sae, resuming=last is not None)
+    if last is None:
+        prepare_run_dir(run_dir, cfg)
+    else:
+        remove_temporaries(run_dir)
+    with run_status([run_dir]):
+        trainer = parts.trainer(quiet=quiet)
+        more, summary = True, None
+        if last is not None:
+            trainer.load_checkpoint(last)
+            more = trainer.step not in stops or _asked(go_on, trainer.step, trainer.final_sae(), last)
+        for s in [s for s in stops if s > trainer.step] if more else []:
+            trainer.total_steps = s
+            summary = trainer.train()
+            path = ckpt.checkpoint_dir(run_dir, s)
+            for _, _, old in ckpt.list_checkpoints(run_dir)[:-1]:
+                ckpt.remove_checkpoint(old)
+            if not _asked(go_on, s, trainer.final_sae(), path):
+                break
+    if summary is None:
+        summary = json.loads((run_dir / "summary.json").read_text())
+    return parts.result(trainer, summary)
+
+
+def _asked(go_on: Callable[[int, Any], bool], step: int, sae, checkpoint: Path) -> bool:
+    """``go_on(step, sae)``, then the global RNG states of the checkpoint at ``step`` back in place."""
+    from ..training import checkpoint as ckpt
+    answer = bool(go_on(step, sae))
+    ckpt.restore_rng_state(ckpt.load_checkpoint(checkpoint).rng_state)
+    return answer
+
+
+def _stage_checkpoint(run_dir: Path, cfg: TrainConfig) -> Optional[Path]:
+    """The latest checkpoint of ``run_dir`` when it holds a run of the same options whose process is gone, else
+    None (the run starts from step 0; a different run there is replaced only when ``cfg.overwrite``)."""
+    from ..training.checkpoint import latest_checkpoint
+    try:
+        same = _plain(to_dict(load_run_config(run_dir))) == _plain(to_dict(cfg))  # 4 == 4.0: JSON has no types
+    except (RunDirError, ConfigError, ValueError, OSError):
+        return None
+    if not same or process_alive(read_status(run_dir)) is not False:
+        return None
+    return latest_checkpoint(run_dir)
+
+
+def _plain(values: dict) -> dict:
+    return json.loads(json.dumps(values))
 
 
 def finetune(cfg: TrainConfig, **kwargs) -> TrainResult:
