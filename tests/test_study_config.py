@@ -41,6 +41,32 @@ def test_bundled_configs_load_and_fit_their_budgets():
         load_study_config(CONFIGS / f"study_{name}.yaml")
 
 
+def test_scale_config_meets_the_issue_and_its_plan_is_an_upper_bound():
+    """configs/study_scale.yaml: width >= 8 x d_in (576), TopK, both depths, general and scratch to the plateau, budgets
+    log-spaced 10k..1M, the three controls and the KL fine-tune, 2-3 seeds, >= 32k model-pass tokens per set."""
+    cfg = load_study_config(CONFIGS / "study_scale.yaml")
+    assert cfg.expansion_factor * 576 >= 4608 and cfg.architecture == "topk" and cfg.train_to_plateau
+    assert cfg.hooks == ["blocks.0.hook_mlp_out", "blocks.15.hook_resid_post"] and 2 <= len(cfg.seeds) <= 3
+    assert cfg.budgets[0] >= 10_000 and cfg.budgets[-1] >= 1_000_000 and cfg.eval_tokens >= 32_768
+    ratios = [b / a for a, b in zip(cfg.budgets, cfg.budgets[1:])]
+    assert max(ratios) / min(ratios) < 1.1  # log-spaced
+    assert {"continue", "scratch_total", "finetune_kl"} <= set(cfg.conditions) and "convergence" in cfg.analyses
+    assert set(cfg.kl_budgets) < set(cfg.budgets)
+    runs = plan_runs(cfg)
+    assert not [r for r in runs if r.kind == "finetune_kl" and r.budget not in cfg.kl_budgets]
+    # planned tokens: the caps (the reference SAEs stop at their plateau or one pass, scratch_total at T_g + b)
+    assert Run("general", None, 42, 32).tokens(cfg) == cfg.plateau_max_tokens
+    assert Run("scratch", "chat", 42, 32).tokens(cfg) == cfg.plateau_max_tokens + max(cfg.budgets)
+    assert Run("scratch_total", "chat", 42, 32, 10240).tokens(cfg) == cfg.plateau_max_tokens + 10240
+    est = estimate(cfg)
+    assert est["upper_bound"] and "at most" in format_plan(cfg, est)
+    # scratch_total is taken from the scratch runs: its tokens are not counted again
+    without = estimate(load_study_config(CONFIGS / "study_scale.yaml", {"conditions": [
+        "general", "scratch", "finetune", "finetune_kl", "continue"]}))
+    assert est["stages"]["blocks.0.hook_mlp_out: train"]["tokens"]["sae"] == \
+        without["stages"]["blocks.0.hook_mlp_out: train"]["tokens"]["sae"] + 6 * max(cfg.budgets)
+
+
 def test_every_option_of_a_bundled_config_is_an_option():
     """No option is inherited unused: every StudyConfig field is read by the engine (checked by name in the study
     package's source, outside config.py's own declaration)."""
@@ -74,6 +100,10 @@ def test_every_option_of_a_bundled_config_is_an_option():
     ({"buffer_size_tokens": 10}, "buffer_size_tokens"),
     ({"prompt_labels": ["a"]}, "prompt_labels"),
     ({"match_threshold": 1.5}, "match_threshold"),
+    ({"kl_budgets": [100]}, "kl_budgets"),
+    ({"train_to_plateau": True, "plateau_first_tokens": 64}, "plateau_first_tokens"),
+    ({"train_to_plateau": True, "plateau_max_tokens": 100}, "plateau_max_tokens"),
+    ({"n_paired_bootstrap": 10}, "n_paired_bootstrap"),
 ])
 def test_invalid_options_are_refused_with_the_option_named(values, match):
     with pytest.raises(ConfigError, match=match):

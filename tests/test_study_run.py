@@ -72,7 +72,10 @@ def test_rigorous_study_end_to_end_on_tiny_model(tiny_study):
         assert f["matched"] and set(f["metrics"]) == {"ev", "ce"}
         ev = f["metrics"]["ev"]
         assert ev["l0"] == pytest.approx(4.0, abs=0.05)  # compared at the ladder's middle k
-        assert {x["test"] for x in ev["differences"]} == {"welch"} and len(ev["differences"]) == 3
+        # measured on the same held-out documents: paired bootstraps (at the matched L0: blends of each ladder)
+        assert {x["test"] for x in ev["differences"]} == {"paired"} and len(ev["differences"]) == 3
+        assert all("seeds (2 vs 2), then" in x["label"] for x in ev["differences"])
+        assert ev["gaps"]["finetune"]["test"] == "paired" and ev["resolvable"]["n"] == 3
         assert [r["budget"] for r in ev["gaps"]["finetune"]["budgets"]] == [128]
         assert [r["budget"] for r in ev["forgetting"]["finetune"]] == [128]
         assert ev["table"]["by_l0"][0]["general"]["n"] == 2  # two seeds per condition

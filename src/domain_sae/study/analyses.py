@@ -10,7 +10,11 @@ middle of the sparsity ladder, the headline budget):
 - ``directions``: capture of the difference-of-means direction between two prompt sets (top-k LS, OMP);
 - ``steering``: the steering domain's latent of its scratch and fine-tuned SAEs, the difference of means and a
   random direction added (and projected out) at the hook: CE change per domain, greedy generations;
-- ``features``: a feature store of the main SAEs (``dsae dashboard``).
+- ``features``: a feature store of the main SAEs (``dsae dashboard``);
+- ``convergence``: is every reference SAE trained? Each general and scratch SAE's held-out EV against tokens with
+  its final slope per doubling and stop (with ``train_to_plateau``), and the seed-to-seed dictionary overlap at the
+  end (:func:`domain_sae.analysis.convergence.seed_overlap`, every pair of seeds of the general SAE and of each
+  domain's scratch SAE, at the middle sparsity) beside the 30-53% of converged SAEs (Paulo & Belrose 2025).
 """
 
 from __future__ import annotations
@@ -21,6 +25,7 @@ from typing import Any, Callable
 
 import torch
 
+from ..analysis.convergence import seed_overlap
 from ..analysis.direction_capture import diff_of_means, direction_capture
 from ..analysis.matched import most_rotated
 from ..analysis.overlap import compare_dictionaries, decoder_drift, domain_specific_latents, top_activating_examples
@@ -213,6 +218,25 @@ def features(ctx: HookContext) -> dict:
             "tokens_per_domain": cfg.feature_tokens, "command": f"dsae dashboard {path}"}
 
 
+def convergence(ctx: HookContext) -> dict:
+    cfg, x = ctx.cfg, ctx.cfg.middle_sparsity
+    curves = {}
+    for kind, domains in (("general", [None]), ("scratch", list(cfg.domains))):
+        for d in domains:
+            for s in cfg.seeds:
+                run = Run(kind, d, s, x)
+                m = ctx.store.marker(run)
+                curves[run.dirname(cfg.sparsity_knob)] = {"condition": run.condition, "seed": s,
+                                                          "tokens": ctx.store.trained_tokens(run),
+                                                          **{k: m[k] for k in ("curve", "stop") if k in m}}
+    overlap_by = {}
+    if len(cfg.seeds) > 1:
+        for label, kind, d in [(GENERAL, GENERAL, None)] + [(f"{d} scratch", "scratch", d) for d in cfg.domains]:
+            ov = seed_overlap([ctx.store.get(Run(kind, d, s, x)) for s in cfg.seeds], ctx.cfg.match_threshold)
+            overlap_by[label] = {**ov.to_dict(), "seeds": list(cfg.seeds)}
+    return {"sparsity": x, "curves": curves, "seed_overlap": overlap_by}
+
+
 ANALYSES: dict[str, Callable[[HookContext], dict]] = {"matrix": matrix, "overlap": overlap, "probing": probing,
                                                      "directions": directions, "steering": steering,
-                                                     "features": features}
+                                                     "features": features, "convergence": convergence}

@@ -28,7 +28,8 @@ import re
 from dataclasses import dataclass
 from typing import Optional
 
-from ..config import ConfigError, EvalConfig, TrainConfig, check_finite_floats, from_dict, load_config_file, opt
+from ..config import (ConfigError, DataConfig, EvalConfig, TrainConfig, check_finite_floats, from_dict,
+                      load_config_file, opt)
 from ..errors import UserError
 from ..util.outdirs import OutputDirError, safe_component
 
@@ -37,7 +38,7 @@ K_ARCHITECTURES = ("topk", "batchtopk")               # sparsity set by k: every
 STUDY_ARCHITECTURES = ("standard", "jumprelu") + K_ARCHITECTURES
 CONDITIONS = ("general", "scratch", "finetune", "finetune_kl", "scratch_budget", "scratch_total", "continue",
               "residual")
-ANALYSES = ("matrix", "overlap", "probing", "directions", "steering", "features")
+ANALYSES = ("matrix", "overlap", "probing", "directions", "steering", "features", "convergence")
 
 
 class StudyError(UserError):
@@ -71,6 +72,7 @@ class StudyConfig:
                             "general training batch); empty: equal shares of the domains.", group="data")
     context_size: int = inherit(TrainConfig, "context_size")
     holdout_fraction: float = inherit(TrainConfig, "holdout_fraction")
+    heldout_tokens_per_document: Optional[int] = inherit(DataConfig, "heldout_tokens_per_document")
 
     architecture: str = opt("standard", "SAE architecture of every study SAE: standard or jumprelu (the sparsity "
                             "ladder holds L1 coefficients), topk or batchtopk (it holds k).", group="sae")
@@ -93,11 +95,26 @@ class StudyConfig:
     conditions: list[str] = opt(["general", "scratch", "finetune", "scratch_budget"], "Conditions trained: "
                                 + ", ".join(CONDITIONS) + " (module docstring of study/config.py).",
                                 group="conditions")
-    general_tokens: int = opt(400_000, "Training tokens of every general SAE.", group="budget")
-    scratch_tokens: int = opt(400_000, "Training tokens of every domain SAE trained from scratch (the reference).",
+    general_tokens: int = opt(400_000, "Training tokens of every general SAE (unless train_to_plateau).",
                               group="budget")
+    scratch_tokens: int = opt(400_000, "Training tokens of every domain SAE trained from scratch (the reference; "
+                              "unless train_to_plateau).", group="budget")
+    train_to_plateau: bool = opt(False, "Train every general and scratch SAE until its held-out explained variance "
+                                 "gains less than 0.005 per doubling of tokens, or one pass over its corpus's "
+                                 "training split, or plateau_max_tokens, whichever comes first (checkpoints at "
+                                 "doublings from plateau_first_tokens; constant learning rate after warm-up); "
+                                 "general_tokens and scratch_tokens are then unused, and scratch_total and "
+                                 "continue are sized by each general SAE's actual tokens.", group="budget")
+    plateau_first_tokens: int = opt(32_768, "train_to_plateau: tokens at the first checkpoint (the next ones at "
+                                    "doublings of it, plateau_per_doubling per doubling).", group="budget")
+    plateau_max_tokens: int = opt(4_000_000, "train_to_plateau: the most tokens a general or scratch SAE trains on "
+                                  "(a time cap; the report says when a run stopped there).", group="budget")
+    plateau_per_doubling: int = opt(2, "train_to_plateau: checkpoints per doubling of tokens (each one's half is "
+                                    "again a checkpoint).", group="budget")
     budgets: list[int] = opt([25_000, 100_000], "Budgets b of the per-budget conditions (finetune, scratch_budget, "
                              "scratch_total, continue), increasing; the gap-closed curve.", group="budget")
+    kl_budgets: list[int] = opt([], "Budgets of the finetune_kl condition (a subset of budgets: it runs the model, "
+                                "about 3 full passes per token); empty: every budget.", group="budget")
     headline_budget: Optional[int] = opt(None, "The budget of the main comparison (one of budgets); default the "
                                          "largest.", group="budget")
     residual_d_sae: int = opt(256, "Latents of each residual SAE (condition residual).", group="conditions")
@@ -110,11 +127,18 @@ class StudyConfig:
                            "CE-loss score and the other model-pass metrics.", group="eval")
     ce_for_budgets: bool = opt(True, "Measure the CE-loss score of every per-budget run; off: of the headline "
                                "budget only (explained variance for the whole ladder).", group="eval")
+    ce_general_every_budget: bool = opt(True, "Measure the CE-loss score of per-budget runs on the general set "
+                                        "(forgetting) at every budget; off: at the headline budget only.",
+                                        group="eval")
+    n_paired_bootstrap: int = opt(2000, "Replicates of the paired bootstrap over held-out documents (and seeds) that "
+                                  "calls every difference between two SAEs measured on the same documents.",
+                                  group="eval")
 
-    analyses: list[str] = opt(list(ANALYSES), "Analyses of the trained and measured runs: matrix (every main SAE "
-                              "on every held-out set), overlap (dictionaries, drift, domain-specific latents), "
+    analyses: list[str] = opt(list(ANALYSES[:-1]), "Analyses of the trained and measured runs: matrix (every main "
+                              "SAE on every held-out set), overlap (dictionaries, drift, domain-specific latents), "
                               "probing (k-sparse probes on labels the domain's data gives: chat turns, Python "
-                              "token types), directions, steering, features (a feature store).", group="analysis")
+                              "token types), directions, steering, features (a feature store), convergence (EV "
+                              "against tokens of the reference SAEs, seed-to-seed overlap).", group="analysis")
     match_threshold: float = opt(0.7, "Decoder cosine at or above which two latents count as the same.",
                                  group="analysis")
     n_l0_grid: int = opt(3, "Matched L0 values (log-spaced over the common range) in the report's tables.",
@@ -177,6 +201,10 @@ class StudyConfig:
     def headline(self) -> int:
         return self.headline_budget or max(self.budgets)
 
+    def budgets_of(self, kind: str) -> list[int]:
+        """The budgets a per-budget condition is trained at (``kl_budgets`` for finetune_kl)."""
+        return list(self.kl_budgets or self.budgets) if kind == "finetune_kl" else list(self.budgets)
+
     @property
     def other_seed(self) -> Optional[int]:
         """The general SAE's second seed: the seed-to-seed controls (overlap, yardstick)."""
@@ -238,6 +266,15 @@ class StudyConfig:
             need(getattr(self, name) >= b, f"{name} ({getattr(self, name)}) is smaller than one batch ({b} tokens).")
         need(len(self.budgets) >= 1 and self.budgets == sorted(set(self.budgets)) and self.budgets[0] >= b,
              f"budgets must be increasing and each hold at least one batch ({b} tokens); got {self.budgets}.")
+        need(set(self.kl_budgets) <= set(self.budgets),
+             f"kl_budgets {self.kl_budgets} must be budgets of {self.budgets}.")
+        if self.train_to_plateau:
+            need(b <= self.plateau_first_tokens <= self.plateau_max_tokens and self.plateau_per_doubling >= 1,
+                 f"train_to_plateau needs train_batch_size_tokens ({b}) <= plateau_first_tokens "
+                 f"({self.plateau_first_tokens}) <= plateau_max_tokens ({self.plateau_max_tokens}) and "
+                 f"plateau_per_doubling >= 1.")
+        need(self.n_paired_bootstrap >= 100,
+             f"n_paired_bootstrap must be at least 100 (got {self.n_paired_bootstrap}).")
         need(self.headline_budget is None or self.headline_budget in self.budgets,
              f"headline_budget ({self.headline_budget}) must be one of budgets {self.budgets}.")
         need(self.buffer_size_tokens >= b, "buffer_size_tokens must be at least train_batch_size_tokens.")
@@ -279,3 +316,11 @@ def study_schedule(steps: int) -> dict[str, int]:
     return {"lr_warm_up_steps": steps // LR_WARM_UP_PARTS, "lr_decay_steps": steps // LR_DECAY_PARTS,
             "l1_warm_up_steps": steps // L1_WARM_UP_PARTS, "feature_sampling_window": window,
             "dead_feature_window": window, "log_every": max(1, steps // LOGS_PER_RUN)}
+
+
+def plateau_schedule(first_steps: int) -> dict[str, int]:
+    """TrainConfig schedule options of an SAE trained to the plateau (its length is decided while it trains): the
+    warm-ups of :func:`study_schedule` for a run of ``2 * first_steps`` (done before the first checkpoint), then a
+    constant learning rate with no decay, so that the SAE at any checkpoint is the SAE a shorter run would give;
+    sparsity windows and logs as for that run."""
+    return {**study_schedule(2 * first_steps), "lr_decay_steps": 0}

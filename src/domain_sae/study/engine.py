@@ -5,7 +5,8 @@ measured, then the model-pass metrics of the runs that want them (:class:`.measu
 domain (:mod:`.findings`) and the analyses the config turns on (:mod:`.analyses`); then one report
 (:mod:`.report`). Resumable at every level: finished SAEs, measurements and analyses are on disk and reused when
 the same command runs again (``<out>/<hook>/hook.json`` marks a finished hook); caches are built when first needed
-and removed at the end (``keep_cache`` keeps them).
+and removed at the end of a finished study (``keep_cache`` keeps them; a study that stops early keeps them for the
+next invocation).
 """
 
 from __future__ import annotations
@@ -27,10 +28,11 @@ from .analyses import ANALYSES, HookContext
 from .config import GENERAL, StudyConfig, slug
 from .findings import domain_findings
 from .inputs import StudyInputs
-from .measure import Measurements
+from .measure import Measurements, recon_with_se
 from .plan import estimate, format_plan
 from .report import SCHEMA, SCHEMA_VERSION, write_report
 from .runs import SAEStore, main_runs, plan_runs
+from .verdicts import PairedVerdicts
 
 QUESTION = ("Does fine-tuning a general SAE on domain data give the benefit of a domain SAE trained from scratch, "
             "with far fewer tokens?")
@@ -63,7 +65,9 @@ def hook_study(cfg: StudyConfig, hook: str, out: Path, lm: Any, inputs: StudyInp
     """Train, measure and analyse at one hook (module docstring); the hook's part of results.json. A finished hook
     (``hook.json`` of the same options and the same trained SAEs) is read back."""
     hout = out / slug(hook)
-    store = SAEStore(cfg, hook, hout, lambda: inputs.train_caches(hook), lm, log)
+    store = SAEStore(cfg, hook, hout, lambda: inputs.train_caches(hook), lm, log,
+                     one_pass=lambda: inputs.one_pass(hook),
+                     held_ev=lambda sae, s: recon_with_se(sae, inputs.hook_data(hook).held[s]))
     meas = Measurements(cfg, hout, store, lambda: inputs.hook_data(hook), log)
     runs = plan_runs(cfg)
 
@@ -92,7 +96,8 @@ def _hook_results(cfg: StudyConfig, hook: str, hout: Path, lm: Any, inputs: Stud
     findings = {}
     for d in cfg.domains:
         own = [r for r in runs if r.domain in (d, None)]
-        findings[d] = domain_findings(cfg, d, meas.points(d, own), meas.points(GENERAL, own))
+        findings[d] = domain_findings(cfg, d, meas.points(d, own), meas.points(GENERAL, own),
+                                      PairedVerdicts(cfg, meas, own, d), PairedVerdicts(cfg, meas, own, GENERAL))
     main = main_runs(cfg)
     ctx = HookContext(cfg, hook, hout, lm, inputs, store, meas, main, log)
     key = _identity(cfg, hook, [meas.trained_id(r) for r in main.values()])
@@ -105,12 +110,39 @@ def _hook_results(cfg: StudyConfig, hook: str, hout: Path, lm: Any, inputs: Stud
             analyses[name] = _save(path, key, ANALYSES[name](ctx))
     point = resolve_hook(lm.model, hook)
     return {"d_in": hook_d_in(lm.model, point), "sampling": dict(inputs.sampling),
+            "sets": set_sizes(inputs.hook_data(hook)),
             "measurements": {r.dirname(cfg.sparsity_knob): {"condition": r.condition, "seed": r.seed,
                                                              "sparsity": r.sparsity, **meas.get(r)} for r in runs},
             "main": {label: r.dirname(cfg.sparsity_knob) for label, r in main.items()},
+            "training": training_records(cfg, store, runs),
             "findings": findings, "analyses": analyses,
             "seconds": {"train_and_reconstruction": round(t_train - t0, 1),
                         "model_pass_metrics": round(t_lm - t_train, 1), "analyses": round(time.monotonic() - t_lm, 1)}}
+
+
+def set_sizes(data: Any) -> dict:
+    """Held-out set -> counted tokens and distinct documents of its reconstruction set (explained variance, L0)
+    and of its model-pass set (CE-loss score, KL), the units of every paired bootstrap."""
+    def size(h: Any) -> dict:
+        docs = h.docs[h.mask]
+        return {"tokens": int(h.mask.sum()), "documents": int(docs[docs >= 0].unique().numel())}
+    return {s: {"reconstruction": size(data.held[s]), "model_pass": size(data.lm_sets[s])}
+            for s in data.lm_sets}
+
+
+def training_records(cfg: StudyConfig, store: SAEStore, runs: list) -> dict:
+    """Run id -> {kind, condition, seed, tokens trained, planned tokens} and, for runs trained in stages (the
+    plateau), the held-out EV curve, the stop and its reason, the limits (from the run's done marker)."""
+    keep = ("curve", "stop", "cap_tokens", "split_tokens", "limit_tokens", "limit_by", "continue_headroom", "capped",
+            "target_tokens", "from_run")
+    out = {}
+    for r in runs:
+        marker = store.marker(r)
+        out[r.dirname(cfg.sparsity_knob)] = {"kind": r.kind, "condition": r.condition, "seed": r.seed,
+                                             "sparsity": r.sparsity, "budget": r.budget,
+                                             "tokens": store.trained_tokens(r), "planned_tokens": r.tokens(cfg),
+                                             **{k: marker[k] for k in keep if k in marker}}
+    return out
 
 
 def run_study(cfg: StudyConfig, out_dir: Optional[str | Path] = None, *, lm: Any = None,
@@ -130,13 +162,11 @@ def run_study(cfg: StudyConfig, out_dir: Optional[str | Path] = None, *, lm: Any
         resolve_hook(lm.model, hook)  # a wrong hook name fails before any work
     inputs = StudyInputs(cfg, out, lm, log)
     hooks: dict[str, Any] = {}
-    try:
-        for hook in cfg.hooks:
-            log(f"[study] {hook}")
-            hooks[hook] = hook_study(cfg, hook, out, lm, inputs, log)
-    finally:
-        if not keep_cache:
-            inputs.remove_caches()
+    for hook in cfg.hooks:
+        log(f"[study] {hook}")
+        hooks[hook] = hook_study(cfg, hook, out, lm, inputs, log)
+    if not keep_cache:  # kept when the study stops early: a resumed study reads them again
+        inputs.remove_caches()
     runs = {r.dirname(cfg.sparsity_knob): {"kind": r.kind, "condition": r.condition, "domain": r.domain,
                                           "seed": r.seed, "sparsity": r.sparsity, "budget": r.budget,
                                           "tokens": r.tokens(cfg), "parent": r.parent() and r.parent().dirname(

@@ -203,6 +203,33 @@ def steering(st: dict, doms: list[str], hook: str, out: Path, tag: str) -> Path:
     return save_figure(fig, out / f"steering_{tag}.png")
 
 
+def plateau_curves(conv: dict, hook: str, out: Path, tag: str) -> Path:
+    """Held-out explained variance against training tokens (log axis) of every general and scratch SAE, one line
+    per seed (same colour per condition), each labelled with its final slope per doubling and its stop."""
+    fig = Figure(figsize=(7.5, 4.6))
+    ax = fig.subplots()
+    conds = list(dict.fromkeys(c["condition"] for c in conv["curves"].values()))
+    palette = ["tab:gray", "tab:blue", "tab:orange", "tab:green", "tab:purple", "tab:red"]
+    ticks = []
+    for c in conv["curves"].values():
+        pts = c.get("curve") or []
+        if not pts:
+            continue
+        stop = c.get("stop") or {}
+        slope = num(stop.get("slope_per_doubling"))
+        t = [p["tokens"] for p in pts]
+        ticks += [t[0], t[-1]]
+        ax.plot(t, [p["ev"] for p in pts], "o-", ms=3, lw=1, color=palette[conds.index(c["condition"]) % 6],
+                label=f"{c['condition']} s{c['seed']}: {slope:+.4f}/doubling, {stop.get('reason') or 'running'}"
+                if math.isfinite(slope) else f"{c['condition']} s{c['seed']}: {stop.get('reason') or 'running'}")
+    token_axis(ax, ticks or [1])
+    ax.set_xlabel("training tokens (log scale)")
+    ax.set_ylabel("held-out explained variance (own set, fraction)")
+    ax.set_title(f"Reference SAEs trained to the plateau at {hook} (stop: slope < 0.005 per doubling)", fontsize=9)
+    ax.legend(fontsize=6)
+    return save_figure(fig, out / f"plateau_{tag}.png")
+
+
 def make_figures(res: dict, out: Path) -> dict[str, Path]:
     """Every figure of the report as a PNG in ``out``: name -> path (figures without data are left out)."""
     figs = {"answer": answer(res, out)}
@@ -214,6 +241,8 @@ def make_figures(res: dict, out: Path) -> dict[str, Path]:
                 figs[f"frontier_{tag}_{d}"] = frontier(dom, d, hook, out / f"frontier_{tag}_{d}.png")
                 figs[f"gap_{tag}_{d}"] = gap(dom, d, hook, out / f"gap_{tag}_{d}.png")
         a = h["analyses"]
+        if any(c.get("curve") for c in (a.get("convergence") or {}).get("curves", {}).values()):
+            figs[f"plateau_{tag}"] = plateau_curves(a["convergence"], hook, out, tag)
         if a.get("matrix"):
             figs.update(heatmaps(a["matrix"], [GENERAL, *doms], hook, out, tag))
         if (a.get("overlap") or {}).get("pairs"):

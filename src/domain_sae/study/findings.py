@@ -7,6 +7,9 @@ family the middle k, else the geometric middle of the L0 range every condition c
 
 Which test calls a difference (the report says which gave each verdict):
 
+- ``paired``: both conditions were measured on the same held-out documents (their per-document sums are kept): a
+  paired bootstrap over those documents, and over seeds where a condition has several (:mod:`.verdicts`); the
+  gap-closed fractions too, with their paired intervals. The others are the fall-backs when the sums are missing:
 - ``welch``: both conditions have two or more seeds: :func:`domain_sae.analysis.stats.difference_test` (Welch over
   seeds plus the per-document errors, and the seed spread itself);
 - ``yardstick``: a condition has one seed: ``|Δ| > FACTOR × spread``, spread = max − min of the general SAE's seed
@@ -31,7 +34,9 @@ from .runs import KINDS, Run
 
 METRICS = {"ce": "CE-loss score", "ev": "explained variance"}
 FACTOR, MIN_SPREAD = 2.0, 0.002
-TESTS = {"welch": "a Welch test over seeds with the per-document errors, beyond the seed spread",
+TESTS = {"paired": "a paired bootstrap over the held-out documents (resampled once for every SAE compared) and "
+                   "over seeds, 95% interval excluding 0",
+         "welch": "a Welch test over seeds with the per-document errors, beyond the seed spread",
          "yardstick": f"a yardstick (one seed per condition): beyond {FACTOR:g}× the seed-to-seed spread of the "
                       f"general SAE"}
 NO_GAP = "undefined (scratch is not better than general beyond the test)"
@@ -85,8 +90,13 @@ def _verdict_text(diff: float, thr: float, ok: bool) -> str:
     return f"{diff:+.3f} (± {thr:.3f}: {'a difference' if ok else 'not a difference'})"
 
 
-def compare(points: Sequence[RunPoint], a: str, b: str, metric: str, l0: float, yard: float) -> dict:
-    """a − b at ``l0``: the Welch test, or the yardstick when a side has one seed (module docstring)."""
+def compare(points: Sequence[RunPoint], a: str, b: str, metric: str, l0: float, yard: float,
+            paired: Any = None) -> dict:
+    """a − b at ``l0``: the paired bootstrap when both were measured on the same documents (``paired``: a
+    :class:`.verdicts.PairedVerdicts`), else the Welch test, or the yardstick when a side has one seed."""
+    r = paired.difference(a, b, metric, l0) if paired is not None else None
+    if r is not None:
+        return r
     r = _safe(matched_difference, points, a, b, metric, l0)
     if "unavailable" in r:
         return {"a": a, "b": b, **r}
@@ -98,13 +108,25 @@ def compare(points: Sequence[RunPoint], a: str, b: str, metric: str, l0: float, 
             f"(no yardstick: the general SAE has one seed)"}
 
 
-def gap(cfg: StudyConfig, points: Sequence[RunPoint], d: str, kind: str, metric: str, l0: float, yard: float) -> dict:
+def gap(cfg: StudyConfig, points: Sequence[RunPoint], d: str, kind: str, metric: str, l0: float, yard: float,
+        paired: Any = None) -> dict:
     """Gap closed by ``kind`` at every budget (``gap_curve``; with one seed per condition, defined by the
-    yardstick). Defined only when scratch is better than general by the test: otherwise there is no gap to close."""
+    yardstick; the paired fractions and intervals where ``paired`` has the sums). Defined only when scratch is
+    better than general by the test: otherwise there is no gap to close."""
     scratch = condition("scratch", d)
-    g = _safe(gap_curve, points, GENERAL, scratch, {b: condition(kind, d, b) for b in cfg.budgets}, metric, l0)
+    conds = {b: condition(kind, d, b) for b in cfg.budgets_of(kind)}
+    g = _safe(gap_curve, points, GENERAL, scratch, conds, metric, l0)
     if "unavailable" in g or not g["budgets"]:
         return {**g, "test": "welch"}
+    p = paired.gap(GENERAL, scratch, conds, metric, l0) if paired is not None else None
+    if p is not None and len(p["rows"]) == len(g["budgets"]):
+        by_budget = {r["budget"]: r for r in p["rows"]}
+        for r in g["budgets"]:
+            r.update(by_budget[r["budget"]])
+        g.update({k: p[k] for k in ("smallest_budget", "why_no_budget", "label") if k in p})
+        if p["smallest_budget"] is not None:
+            g.pop("why_no_budget", None)
+        return {**g, "test": "paired"}
     test = "welch" if len(g["scratch"]) > 1 and len(g["general"]) > 1 else "yardstick"
     gain = float(np.mean(g["scratch"]) - np.mean(g["general"]))
     defined = gain > 0 and (g["budgets"][0]["defined"] if test == "welch" else gain > FACTOR * yard)
@@ -121,8 +143,10 @@ def gap(cfg: StudyConfig, points: Sequence[RunPoint], d: str, kind: str, metric:
     return {**g, "test": test}
 
 
-def domain_findings(cfg: StudyConfig, d: str, on_domain: list[RunPoint], on_general: list[RunPoint]) -> dict:
-    """Everything the report says about one domain at one hook (module docstring)."""
+def domain_findings(cfg: StudyConfig, d: str, on_domain: list[RunPoint], on_general: list[RunPoint],
+                    paired: Any = None, paired_general: Any = None) -> dict:
+    """Everything the report says about one domain at one hook (module docstring); ``paired`` /
+    ``paired_general``: the :class:`.verdicts.PairedVerdicts` of the domain's and the general held-out set."""
     hb, kinds = cfg.headline, per_budget_kinds(cfg)
     scratch = condition("scratch", d)
     main = [GENERAL, scratch] + [condition(k, d, hb) for k in kinds]
@@ -139,13 +163,21 @@ def domain_findings(cfg: StudyConfig, d: str, on_domain: list[RunPoint], on_gene
         if l0 is not None:
             m["yardstick"] = yard = yardstick(pts, metric, l0)
             pairs = [(scratch, GENERAL)] + [(condition(k, d, hb), c) for k in kinds for c in (GENERAL, scratch)]
-            m["differences"] = [compare(pts, a, b, metric, l0, yard) for a, b in pairs
+            if "finetune_kl" in kinds and "finetune" in kinds:  # the end-to-end fine-tune beside the MSE one
+                pairs += [(condition("finetune_kl", d, b), condition("finetune", d, b))
+                          for b in cfg.budgets_of("finetune_kl")]
+            m["differences"] = [compare(pts, a, b, metric, l0, yard, paired) for a, b in pairs
                                 if any(p.condition == a for p in pts)]
-            m["gaps"] = {k: gap(cfg, pts, d, k, metric, l0, yard) for k in kinds}
+            m["gaps"] = {k: gap(cfg, pts, d, k, metric, l0, yard, paired) for k in kinds}
+            m["resolvable"] = _resolvable(m["differences"])
+            if metric == "ce" and paired is not None:  # the unit of end-to-end fine-tuning papers
+                m["recovered"] = {k: r for k in kinds if KINDS[k].init and KINDS[k].data == "domain"
+                                  and (r := paired.recovered(GENERAL, {b: condition(k, d, b)
+                                                                       for b in cfg.budgets_of(k)}, l0))}
             if "residual" in cfg.conditions:
                 m["residual"] = _residual(pts, d, metric)
-            m["forgetting"] = {k: _forgetting(cfg, d, k, gen_pts, metric) for k in kinds if KINDS[k].parent
-                               and KINDS[k].data == "domain"}
+            m["forgetting"] = {k: _forgetting(cfg, d, k, gen_pts, metric, paired_general) for k in kinds
+                               if KINDS[k].parent and KINDS[k].data == "domain"}
         m["frontiers"] = _frontier_points(pts, main + [condition("residual", d)])
         out["metrics"][metric] = m
     return out
@@ -160,14 +192,26 @@ def _frontier_points(points: Sequence[RunPoint], conditions: Sequence[str]) -> d
     return out
 
 
-def _forgetting(cfg: StudyConfig, d: str, kind: str, gen_pts: list[RunPoint], metric: str) -> list[dict]:
+def _forgetting(cfg: StudyConfig, d: str, kind: str, gen_pts: list[RunPoint], metric: str,
+                paired: Any = None) -> list[dict]:
     rows = []
-    for b in cfg.budgets:
+    for b in cfg.budgets_of(kind):
         c = condition(kind, d, b)
         l0 = comparison_l0(cfg, gen_pts, [GENERAL, c], metric)
-        rows.append({"budget": b, **(compare(gen_pts, c, GENERAL, metric, l0, yardstick(gen_pts, metric, l0))
+        rows.append({"budget": b, **(compare(gen_pts, c, GENERAL, metric, l0, yardstick(gen_pts, metric, l0), paired)
                                      if l0 else {"unavailable": "the fine-tuned and general runs share no L0"})})
     return rows
+
+
+def _resolvable(differences: list[dict]) -> Optional[dict]:
+    """The smallest difference the paired comparisons resolve: the half-width of the paired 95% interval of
+    scratch − general (the first comparison) and the range over every paired comparison of the domain."""
+    widths = [x["half_width"] for x in differences if x.get("test") == "paired" and math.isfinite(x["half_width"])]
+    if not widths:
+        return None
+    first = differences[0]
+    return {"scratch_minus_general": first.get("half_width") if first.get("test") == "paired" else None,
+            "min": min(widths), "max": max(widths), "n": len(widths), "label": first.get("label")}
 
 
 def _residual(points: list[RunPoint], d: str, metric: str) -> dict:
@@ -190,6 +234,8 @@ def _residual(points: list[RunPoint], d: str, metric: str) -> dict:
 def _where(cfg: StudyConfig, m: dict) -> str:
     if len(cfg.sparsity) > 1:
         return f"at L0 {m['l0']:.0f}"
+    if cfg.sparsity_knob == "k":
+        return f"at k {cfg.sparsity[0]:g}: every SAE at most k active latents"
     return f"at {cfg.knob_label} {cfg.sparsity[0]:g}, L0s not matched"
 
 
@@ -203,6 +249,15 @@ def _headline_metric(dom: dict) -> Optional[str]:
 
 def _gap_at(m: dict, kind: str, b: int) -> Optional[dict]:
     return next((r for r in (m.get("gaps", {}).get(kind) or {}).get("budgets", []) if r["budget"] == b), None)
+
+
+def scratch_tokens(cfg: StudyConfig, hooks: dict) -> tuple[float, str]:
+    """Tokens of a scratch SAE: ``scratch_tokens``, or with train_to_plateau the mean of those trained (and how)."""
+    got = [v["tokens"] for h in hooks.values() for v in (h.get("training") or {}).values()
+           if v.get("kind") == "scratch" and v.get("tokens")]
+    if not cfg.train_to_plateau or not got:
+        return float(cfg.scratch_tokens), ""
+    return sum(got) / len(got), " on average, trained to the plateau or one pass"
 
 
 def answer(cfg: StudyConfig, hooks: dict) -> list[str]:
@@ -235,12 +290,18 @@ def answer(cfg: StudyConfig, hooks: dict) -> list[str]:
         per_hook.append(f"At {hook} ({', '.join(sorted(metric_names))}, {where}): " + "; ".join(clauses) + ".")
     names = " / ".join(sorted(metric_names)) or "the metrics"
     if ft:
-        first = (f"Fine-tuning the general SAE on {hb:,} domain tokens ({hb / cfg.scratch_tokens:.0%} of a scratch "
-                 f"SAE's {cfg.scratch_tokens:,}) matches or beats the domain SAE trained from scratch in {n_ok} of "
-                 f"{n} (hook, domain) cases on {names}.")
+        st, how = scratch_tokens(cfg, hooks)
+        first = (f"Fine-tuning the general SAE on {hb:,} domain tokens ({hb / st:.0%} of a scratch SAE's "
+                 f"{st:,.0f}{how}) matches or beats the domain SAE trained from scratch in {n_ok} of {n} (hook, "
+                 f"domain) cases on {names}.")
     else:
         first = f"The domain SAEs trained from scratch are compared with the general SAE on {names}."
     extra = f" ({len(per_hook) - 3} more hooks in the details)" if len(per_hook) > 3 else ""
+    widths = [r["scratch_minus_general"] for h in hooks.values() for dom in h["findings"].values()
+              if (r := dom["metrics"].get("ce", {}).get("resolvable")) and r.get("scratch_minus_general") is not None]
+    if widths:
+        extra += (f"; the smallest CE-loss-score difference the paired test resolves (half-width of the 95% "
+                  f"interval of scratch − general) is ±{min(widths):.4f} to ±{max(widths):.4f}")
     last = ("Differences are called by " + " and by ".join(TESTS[t] for t in sorted(tests)) + extra
             + "; the details, every control and every number follow." if tests else "Details follow.")
     return [first] + per_hook[:3] + [last]

@@ -114,13 +114,15 @@ class StudyInputs:
     def __init__(self, cfg: StudyConfig, out: Path, lm: Any, log: Callable[[str], None] = print):
         self.cfg, self.out, self.lm, self.log = cfg, Path(out), lm, log
         self.cache_tokens: dict[str, int] = {}
+        self.split_tokens: dict[str, Optional[int]] = {}   # corpus -> its whole training split, when cached whole
         self.sampling: dict[str, dict] = {}
         self._hooks: dict[str, HookData] = {}
         self._kinds: dict[str, Optional[str]] = {}
 
     def data_config(self, spec: str) -> DataConfig:
         return DataConfig(model=self.cfg.model, hook=self.cfg.hooks[0], device=self.cfg.device, data=spec,
-                          context_size=self.cfg.context_size, holdout_fraction=self.cfg.holdout_fraction)
+                          context_size=self.cfg.context_size, holdout_fraction=self.cfg.holdout_fraction,
+                          heldout_tokens_per_document=self.cfg.heldout_tokens_per_document)
 
     def _build(self, name: str, split: str, n_tokens: int) -> Path:
         """The complete multi-hook cache of corpus ``name`` (reused, continued or built)."""
@@ -150,9 +152,16 @@ class StudyInputs:
         for name in self.cfg.corpora():
             path = self._build(name, "train", cache_tokens(self.cfg, name))
             root = read_root_manifest(path)
-            self.cache_tokens[name] = int(root["n_tokens"])
+            self.cache_tokens[name] = n = int(root["n_tokens"])
+            self.split_tokens[name] = n if n < int(root["tokens_requested"]) else None
             out[name] = path / root["hooks"][hook]["dir"]
         return out
+
+    def one_pass(self, hook: str) -> dict[str, Optional[int]]:
+        """Corpus -> tokens of its whole training split when its cache holds all of it, else None (builds the
+        caches when needed)."""
+        self.train_caches(hook)
+        return dict(self.split_tokens)
 
     def _heldout(self, name: str, hook: str) -> HeldoutActivations:
         cache = open_heldout_cache(self._build(name, "heldout", self.cfg.heldout_tokens()), hook, verify=False)

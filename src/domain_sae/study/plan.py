@@ -9,7 +9,10 @@ Time = tokens / throughput, per kind of work (rates assumed for the offline defa
 - SAE training steps (scaled by ``d_in * d_sae`` relative to the reference size), per-run overhead,
 - fixed costs (model load, Hungarian matching ~ d_sae^3, the feature store).
 
-A resumed study skips what is on disk; the estimate counts everything.
+A resumed study skips what is on disk; the estimate counts everything. With ``train_to_plateau`` the general and
+scratch SAEs (and scratch_total) are counted at their cap ``plateau_max_tokens`` and the caches at what they may
+need, so the estimate is an upper bound (a run that plateaus, or a corpus whose training split is smaller, costs
+less).
 """
 
 from __future__ import annotations
@@ -60,15 +63,19 @@ def estimate(cfg: StudyConfig, rates: Throughput = ASSUMED, d_in: int = REFERENC
     cached = sum(cache_tokens(cfg, c) + cfg.heldout_tokens() for c in cfg.corpora())
     stages = {"load": {"seconds": rates.load_seconds, "tokens": {}},
               "caches": {"seconds": cached / rates.truncated_rate(deepest), "tokens": {"truncated": cached}}}
-    sae_tokens = sum(r.tokens(cfg) for r in runs if not KINDS[r.kind].live)
+    shared = cfg.train_to_plateau and "scratch_total" in cfg.conditions  # taken from the scratch runs
+    sae_tokens = sum(r.tokens(cfg) for r in runs if not KINDS[r.kind].live
+                     and not (shared and r.kind == "scratch_total"))
     live_tokens = sum(r.tokens(cfg) for r in runs if KINDS[r.kind].live)
-    pairs = sum(len(eval_sets(cfg, r)) for r in runs if wants_lm(cfg, r))
+    pairs = sum(1 for r in runs for s in eval_sets(cfg, r) if wants_lm(cfg, r, s))
     lm_full = (pairs + 2 * math.ceil(pairs / CE_GROUP) * (n_dom + 1)) * cfg.eval_tokens
     strengths = len(cfg.steering_strengths)
     steer_full = n_dom * cfg.steering_tokens * (1 + 4 * strengths + 3) if "steering" in cfg.analyses else 0
     n_prompts = len(cfg.generation_prompts) or 2  # default: the first two prompts of set B
     generated = n_prompts * (1 + 4 * strengths) * cfg.generate_tokens if "steering" in cfg.analyses else 0
     n_pairs = 2 + 2 * n_dom + n_dom * (n_dom - 1) // 2 if "overlap" in cfg.analyses else 0
+    if "convergence" in cfg.analyses and len(cfg.seeds) > 1:
+        n_pairs += (1 + n_dom) * len(cfg.seeds) * (len(cfg.seeds) - 1) // 2
     fixed = n_pairs * rates.hungarian_seconds_at_reference * (d_sae / REFERENCE_D_SAE) ** 3
     fixed += (60.0 if "features" in cfg.analyses else 0) + (30.0 if "probing" in cfg.analyses else 0)
     for hook in cfg.hooks:
@@ -81,7 +88,8 @@ def estimate(cfg: StudyConfig, rates: Throughput = ASSUMED, d_in: int = REFERENC
                                        "tokens": {"full": steer_full, "generated": generated}}
     total = sum(s["seconds"] for s in stages.values()) + 10.0
     return {"stages": {k: {**v, "seconds": round(v["seconds"], 1)} for k, v in stages.items()},
-            "runs_per_hook": len(runs), "minutes": round(total / 60, 1), "rates": rates.source}
+            "runs_per_hook": len(runs), "minutes": round(total / 60, 1), "rates": rates.source,
+            "upper_bound": bool(cfg.train_to_plateau)}
 
 
 def estimate_minutes(cfg: StudyConfig, rates: Throughput = ASSUMED) -> float:
@@ -97,8 +105,10 @@ def format_plan(cfg: StudyConfig, est: dict) -> str:
     for name, s in est["stages"].items():
         toks = ", ".join(f"{v:,} {k}" for k, v in s["tokens"].items() if v)
         lines.append(f"  {name:<40} ~{_duration(s['seconds']):>8}" + (f"  [{toks} tokens]" if toks else ""))
+    bound = ("; at most: the reference SAEs counted at plateau_max_tokens, a plateau stops them sooner"
+             if est.get("upper_bound") else "")
     lines.append(f"  {'total':<40} ~{_duration(est['minutes'] * 60):>8}  (throughputs {est['rates']}; a resumed "
-                 f"study skips what is on disk)")
+                 f"study skips what is on disk{bound})")
     return "\n".join(lines)
 
 

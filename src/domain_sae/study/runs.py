@@ -7,8 +7,12 @@ options follow from its kind (:data:`KINDS`). Adding a condition is one :class:`
 next-token distributions its loss needs, not from the caches).
 
 A run is saved under ``<out>/<hook>/saes/<run dir>/sae`` by :func:`domain_sae.runs.single.train`; the marker
-``study_done.json`` beside it (written after the SAE) records the run's training options, so a killed study reloads
-every finished SAE, retrains the run it was in, and retrains a run whose options have changed since.
+``study_done.json`` beside it (written after the SAE) records the run's training options and the tokens it trained
+on, so a killed study reloads every finished SAE, retrains the run it was in, and retrains a run whose options have
+changed since. With ``train_to_plateau`` the general and scratch SAEs train in stages (:mod:`.plateau`): their
+length is decided while they train (a killed one continues from its last doubling), and the runs sized by them
+follow their actual token count T_g: ``scratch_total`` trains T_g + b tokens (at most one pass over its domain's
+training split), ``continue`` reads the general tokens after the T_g the general SAE read.
 """
 
 from __future__ import annotations
@@ -16,6 +20,7 @@ from __future__ import annotations
 import json
 import math
 import re
+import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -29,7 +34,10 @@ from ..data.mixture import weighted_shares
 from ..runs import single
 from ..sae.io import load_sae
 from ..sae.residual import ResidualStackSAE
+from ..util.atomic import atomic_directory
 from ..util.jsonsafe import write_json
+from ..util.outdirs import write_marker
+from . import plateau
 from .config import GENERAL, StudyConfig, study_schedule
 
 DONE_MARKER = "study_done.json"
@@ -38,6 +46,19 @@ _NOT_IDENTITY = ("output_dir", "run_name", "overwrite", "device")
 
 def _budget(cfg: StudyConfig, b: Optional[int]) -> int:
     return int(b)
+
+
+def _general(cfg: StudyConfig, b: Optional[int] = None) -> int:
+    """Planned tokens of a general SAE: ``general_tokens``, or at most ``plateau_max_tokens`` (train_to_plateau)."""
+    return cfg.plateau_max_tokens if cfg.train_to_plateau else cfg.general_tokens
+
+
+def _scratch(cfg: StudyConfig, b: Optional[int] = None) -> int:
+    """Planned tokens of a scratch SAE: ``scratch_tokens``; with train_to_plateau at most ``plateau_max_tokens``
+    to its stop, and on to the largest scratch_total it hands over (:mod:`.plateau`)."""
+    if not cfg.train_to_plateau:
+        return cfg.scratch_tokens
+    return cfg.plateau_max_tokens + (max(cfg.budgets) if "scratch_total" in cfg.conditions else 0)
 
 
 @dataclass(frozen=True)
@@ -59,11 +80,11 @@ class Kind:
 
 
 KINDS: dict[str, Kind] = {
-    "general": Kind("general", "general", False, lambda c, b: c.general_tokens),
-    "scratch": Kind("{d} scratch", "domain", False, lambda c, b: c.scratch_tokens),
+    "general": Kind("general", "general", False, _general),
+    "scratch": Kind("{d} scratch", "domain", False, _scratch),
     "finetune": Kind("general→{d} @ {b}", "domain", True, _budget, parent=True, init=True, lr="finetune_lr"),
     "scratch_budget": Kind("{d} scratch @ {b}", "domain", True, _budget),
-    "scratch_total": Kind("{d} scratch, total @ {b}", "domain", True, lambda c, b: c.general_tokens + int(b)),
+    "scratch_total": Kind("{d} scratch, total @ {b}", "domain", True, lambda c, b: _general(c) + int(b)),
     "continue": Kind("general continued @ {b}", "general", True, _budget, parent=True, init=True, lr="finetune_lr"),
     "residual": Kind("general+residual→{d}", "domain", False, lambda c, b: c.residual_tokens, parent=True),
     "finetune_kl": Kind("general→{d} (KL) @ {b}", "domain", True, _budget, parent=True, init=True, lr="finetune_lr",
@@ -86,6 +107,8 @@ class Run:
         return KINDS[self.kind].label.format(d=self.domain, b=self.budget)
 
     def tokens(self, cfg: StudyConfig) -> int:
+        """Planned training tokens (with train_to_plateau an upper bound for general, scratch and scratch_total:
+        :meth:`SAEStore.trained_tokens` gives the count trained)."""
         return KINDS[self.kind].tokens(cfg, self.budget)
 
     def parent(self) -> Optional["Run"]:
@@ -110,7 +133,7 @@ def plan_runs(cfg: StudyConfig) -> list[Run]:
                 runs.append(Run("scratch", d, s, x))
                 runs += [Run(k, d, s, x, b) for b in cfg.budgets for k in ("finetune", "finetune_kl",
                                                                             "scratch_budget", "scratch_total")
-                         if k in on]
+                         if k in on and b in cfg.budgets_of(k)]
             if "residual" in on:
                 runs.append(Run("residual", d, s, cfg.residual_sparsity))
     return runs
@@ -140,10 +163,15 @@ def eval_sets(cfg: StudyConfig, run: Run) -> list[str]:
     return [run.domain, GENERAL] if KINDS[run.kind].parent else [run.domain]
 
 
-def wants_lm(cfg: StudyConfig, run: Run) -> bool:
-    """Whether ``run`` gets the model-pass metrics (CE-loss score, KL): always, except off-headline budgets when
-    ``ce_for_budgets`` is off."""
-    return cfg.ce_for_budgets or run.budget is None or run.budget == cfg.headline
+def wants_lm(cfg: StudyConfig, run: Run, eval_set: Optional[str] = None) -> bool:
+    """Whether ``run`` gets the model-pass metrics (CE-loss score, KL) (on ``eval_set``): always, except
+    off-headline budgets when ``ce_for_budgets`` is off, and the general set off the headline budget when
+    ``ce_general_every_budget`` is off."""
+    if run.budget is None or run.budget == cfg.headline:
+        return True
+    if eval_set == GENERAL and not cfg.ce_general_every_budget:
+        return False
+    return cfg.ce_for_budgets
 
 
 def train_config(cfg: StudyConfig, *, hook: str, data: str, tokens: int, seed: int, lr: float, name: str,
@@ -184,7 +212,7 @@ def cache_tokens(cfg: StudyConfig, corpus: str) -> int:
         b, buf = parts[corpus]
         more = max(cfg.budgets) if "continue" in cfg.conditions else 0
         total = cfg.train_batch_size_tokens
-        need.append((_refills(cfg.general_tokens, b, buf, total) + _refills(more, b, buf, total)) * buf)
+        need.append((_refills(_general(cfg), b, buf, total) + _refills(more, b, buf, total)) * buf)
     if corpus in cfg.domains:
         need += [Run(k, corpus, 0, 0, max(cfg.budgets)).tokens(cfg) for k in cfg.conditions
                  if KINDS[k].data == "domain" and not KINDS[k].live]
@@ -200,50 +228,86 @@ class _FromPosition(CachedActivationSource):
         self.n_tokens -= start
 
 
-def activation_source(cfg: StudyConfig, caches: dict[str, Path], run: Run):
+def activation_source(cfg: StudyConfig, caches: dict[str, Path], run: Run, general_tokens: Optional[int] = None):
     """Batches of the run's domain cache, or of the general mixture; ``continue`` runs start after the positions
-    the general SAE read (fresh general tokens)."""
+    the general SAE read in its ``general_tokens`` (default the planned count): fresh general tokens."""
     def one(name: str, batch: int, buffer: int, start: int = 0) -> CachedActivationSource:
         return _FromPosition(caches[name], start, batch_size=batch, buffer_tokens=buffer, seed=run.seed, repeat=True)
 
     if KINDS[run.kind].data == "domain":
         return one(run.domain, cfg.train_batch_size_tokens, cfg.buffer_size_tokens)
     total = cfg.train_batch_size_tokens
-    return MixtureSource(*(one(name, b, buf, _refills(cfg.general_tokens, b, buf, total) * buf
-                               if run.kind == "continue" else 0) for name, (b, buf) in general_parts(cfg).items()))
+    seen = general_tokens or _general(cfg)
+    return MixtureSource(*(one(name, b, buf, _refills(seen, b, buf, total) * buf if run.kind == "continue" else 0)
+                           for name, (b, buf) in general_parts(cfg).items()))
 
 
 class SAEStore:
     """The SAEs of one hook: each trained once (a finished run, whose marker records the same options, is loaded
-    from disk instead). ``caches()`` gives corpus -> training cache folder of this hook (built on first use)."""
+    from disk instead). ``caches()`` gives corpus -> training cache folder of this hook (built on first use),
+    ``one_pass()`` corpus -> its training split's tokens when the cache holds all of it (else None), and
+    ``held_ev(sae, set)`` the held-out explained variance and L0 that decide the plateau (:mod:`.plateau`)."""
 
     def __init__(self, cfg: StudyConfig, hook: str, out: Path, caches: Callable[[], dict[str, Path]], lm: Any,
-                 log: Callable[[str], None] = print):
+                 log: Callable[[str], None] = print, *, one_pass: Callable[[], dict[str, Optional[int]]] = dict,
+                 held_ev: Optional[Callable[[Any, str], dict]] = None):
         self.cfg, self.hook, self.out, self.caches, self.lm, self.log = cfg, hook, Path(out), caches, lm, log
+        self.one_pass, self.held_ev = one_pass, held_ev
         self._loaded: dict[Run, Any] = {}
         self.trained_now = 0
 
     def run_dir(self, run: Run) -> Path:
         return self.out / "saes" / run.dirname(self.cfg.sparsity_knob)
 
-    def train_config(self, run: Run) -> TrainConfig:
+    def marker(self, run: Run) -> dict:
+        try:
+            return json.loads((self.run_dir(run) / DONE_MARKER).read_text())
+        except (OSError, ValueError):
+            return {}
+
+    def trained_tokens(self, run: Run) -> Optional[int]:
+        """Tokens the finished run trained on (its marker), the planned count for a run that is not staged, None
+        for a staged run not trained yet."""
+        got = self.marker(run).get("tokens") if self.is_done(run) else None
+        if got is not None:
+            return int(got)
+        return None if plateau.staged(self.cfg, run) else run.tokens(self.cfg)
+
+    def _tokens(self, run: Run) -> Optional[int]:
+        """The run's TrainConfig tokens: the cap of a run trained to the plateau; for scratch_total under
+        train_to_plateau the general SAE's tokens + b (None while it is untrained)."""
+        if run.kind == "scratch_total" and self.cfg.train_to_plateau:
+            t = self.trained_tokens(Run(GENERAL, None, run.seed, run.sparsity))
+            return None if t is None else t + int(run.budget)
+        return run.tokens(self.cfg)
+
+    def train_config(self, run: Run) -> Optional[TrainConfig]:
+        """The run's TrainConfig (None: it depends on a general SAE not trained yet)."""
         k, cfg = KINDS[run.kind], self.cfg
+        tokens = self._tokens(run)
+        if tokens is None:
+            return None
         data = cfg.domains[run.domain] if k.data == "domain" else "+".join(cfg.corpora()[n]
                                                                           for n in cfg.general_weights())
         extra = {"d_sae": cfg.residual_d_sae} if run.kind == "residual" else {}
-        return train_config(cfg, hook=self.hook, data=data, tokens=run.tokens(cfg), seed=run.seed,
+        if plateau.staged(cfg, run):
+            extra.update(plateau.schedule(cfg))
+        return train_config(cfg, hook=self.hook, data=data, tokens=tokens, seed=run.seed,
                             lr=getattr(cfg, k.lr), name=run.dirname(cfg.sparsity_knob), output_dir=self.out / "saes",
                             sparsity=run.sparsity, **extra, **k.options)
 
-    def _identity(self, run: Run) -> dict:
-        return {k: v for k, v in to_dict(self.train_config(run)).items() if k not in _NOT_IDENTITY}
+    def _identity(self, run: Run) -> Optional[dict]:
+        tcfg = self.train_config(run)
+        if tcfg is None:
+            return None
+        out = {k: v for k, v in to_dict(tcfg).items() if k not in _NOT_IDENTITY}
+        if self.cfg.train_to_plateau and run.parent() is not None:  # the parent's length is decided in training
+            out["parent_trained"] = self.marker(run.parent()).get("tokens")
+        return out
 
     def is_done(self, run: Run) -> bool:
-        marker = self.run_dir(run) / DONE_MARKER
-        try:
-            return json.loads(marker.read_text()).get("options") == json.loads(json.dumps(self._identity(run)))
-        except (OSError, ValueError):
-            return False
+        ident = self._identity(run)
+        return ident is not None and self.marker(run).get("options") == json.loads(json.dumps(ident))
 
     def get(self, run: Run) -> Any:
         """The SAE of ``run`` (the residual SAE alone for kind ``residual``), trained now unless already done."""
@@ -261,20 +325,69 @@ class SAEStore:
         self._loaded = {r: v for r, v in self._loaded.items() if keep(r)}
 
     def _train(self, run: Run) -> Any:
-        k = KINDS[run.kind]
+        k, cfg = KINDS[run.kind], self.cfg
+        if run.kind == "scratch_total" and cfg.train_to_plateau:
+            self.get(Run(GENERAL, None, run.seed, run.sparsity))  # its tokens size this run
         parent = self.get(run.parent()) if k.parent else None
-        source = None if k.live else activation_source(self.cfg, self.caches(), run)
+        seen = self.trained_tokens(run.parent()) if run.kind == "continue" else None
+        source = None if k.live else activation_source(cfg, self.caches(), run, seen)
         if run.kind == "residual":
             source = ResidualSource(source, parent)
         t = time.monotonic()
         tcfg = self.train_config(run)
-        res = single.train(tcfg, lm=self.lm, source=source, init_sae=parent if k.init else None, quiet=True)
+        record: dict = {}
+        if plateau.staged(cfg, run):
+            cap = cfg.plateau_max_tokens if run.kind == "scratch" else tcfg.training_tokens
+            limit, split = plateau.limits(cfg, run, cap, self.one_pass())
+            evaluate = snapshots = None
+            if plateau.to_plateau(cfg, run):
+                own = run.domain or GENERAL
+                evaluate = lambda sae: self.held_ev(sae, own)  # noqa: E731
+            if run.kind == "scratch" and "scratch_total" in cfg.conditions:
+                snapshots = self._snapshots(run)
+            sae, record = plateau.train_staged(cfg, tcfg, lm=self.lm, source=source, limit=limit, split=split,
+                                               evaluate=evaluate, log=self.log, snapshots=snapshots)
+        else:
+            res = single.train(tcfg, lm=self.lm, source=source, init_sae=parent if k.init else None, quiet=True)
+            sae, record = res.sae, {"tokens": int(res.summary.get("training_tokens") or tcfg.training_tokens)}
         write_json(self.run_dir(run) / DONE_MARKER, {"condition": run.condition, "seconds": round(
-            time.monotonic() - t, 1), "options": self._identity(run)}, indent=1)
+            time.monotonic() - t, 1), "options": self._identity(run), **record}, indent=1)
+        if cfg.train_to_plateau:  # the full training states are not needed once a run is done (disk)
+            shutil.rmtree(self.run_dir(run) / "checkpoints", ignore_errors=True)
         self.trained_now += 1
-        self.log(f"[study]   {self.hook}: {run.condition} (seed {run.seed}, {self.cfg.knob_label} {run.sparsity:g}): "
-                 f"{tcfg.training_tokens:,} tokens in {time.monotonic() - t:.0f} s")
-        return res.sae
+        self.log(f"[study]   {self.hook}: {run.condition} (seed {run.seed}, {cfg.knob_label} {run.sparsity:g}): "
+                 f"{record['tokens']:,} tokens in {time.monotonic() - t:.0f} s"
+                 + (f" ({record['stop']['text']})" if "stop" in record else ""))
+        return sae
+
+    def _snapshots(self, scratch: Run) -> dict[int, Callable[[Any, int], None]]:
+        """Token count -> saver of the scratch_total runs of ``scratch``'s domain, seed and sparsity (T_g + b, at
+        most the domain's training split) that are not done: the scratch run passes through each (:mod:`.plateau`)."""
+        cfg, split = self.cfg, self.one_pass().get(scratch.domain)
+        batch = cfg.train_batch_size_tokens
+        self.get(Run(GENERAL, None, scratch.seed, scratch.sparsity))
+        by_tokens: dict[int, list[tuple[Run, int]]] = {}
+        for b in cfg.budgets_of("scratch_total"):
+            run = Run("scratch_total", scratch.domain, scratch.seed, scratch.sparsity, b)
+            target = self._tokens(run)
+            if not self.is_done(run):
+                by_tokens.setdefault(min(target, split or target), []).append((run, target))
+
+        def saver(runs: list[tuple[Run, int]]) -> Callable[[Any, int], None]:
+            def save(sae: Any, tokens: int) -> None:
+                for run, target in runs:
+                    write_marker(self.run_dir(run), "run")  # a run directory a run trained alone may replace
+                    with atomic_directory(self.run_dir(run) / "sae") as tmp:
+                        sae.save(tmp)
+                    write_json(self.run_dir(run) / DONE_MARKER, {
+                        "condition": run.condition, "options": self._identity(run), "tokens": tokens,
+                        "target_tokens": target, "capped": tokens < target - target % batch, "split_tokens": split,
+                        "from_run": scratch.dirname(cfg.sparsity_knob)}, indent=1)
+                    self.log(f"[study]   {self.hook}: {run.condition} (seed {run.seed}): {tokens:,} tokens, taken "
+                             f"from the scratch run" + (" (capped at one pass)" if tokens < target - target % batch
+                                                        else ""))
+            return save
+        return {t: saver(runs) for t, runs in by_tokens.items()}
 
 
 __all__ = ["KINDS", "Kind", "Run", "plan_runs", "main_runs", "eval_sets", "wants_lm", "train_config", "cache_tokens",

@@ -13,6 +13,7 @@ from .config import GENERAL, slug
 from .document import Block, Bullets, Code, FigureRef, Heading, Paragraph, Table
 from .figures import num
 from .findings import METRICS, TESTS
+from .scale_report import adaptation_blocks, convergence_blocks, literature_section, resolvable_items
 
 TITLE = "Domain-specific SAEs: does fine-tuning a general SAE match a domain SAE?"
 MATRIX_TABLES = [("metrics/ce_loss_score", "CE-loss score (1 = as good as the clean model, 0 = as bad as "
@@ -49,8 +50,11 @@ def setup_section(res: dict) -> list[Block]:
              + ", ".join(f"{k} {v}" for k, v in mix.items()) + " of every batch.",
              f"Conditions {', '.join(cfg['conditions'])}; seeds {cfg['seeds']}"
              + (f" and control seed {cfg['control_seed']} (general only)" if cfg["control_seed"] is not None else "")
-             + f"; general / scratch SAEs {cfg['general_tokens']:,} / {cfg['scratch_tokens']:,} tokens; budgets "
-             f"{cfg['budgets']} (headline {cfg['headline_budget'] or max(cfg['budgets']):,}).",
+             + (f"; general and scratch SAEs trained to the plateau (EV gain < 0.005 per doubling) or one pass over "
+                f"their training split (checkpoints from {cfg['plateau_first_tokens']:,} tokens, at most "
+                f"{cfg['plateau_max_tokens']:,})" if cfg.get("train_to_plateau") else
+                f"; general / scratch SAEs {cfg['general_tokens']:,} / {cfg['scratch_tokens']:,} tokens")
+             + f"; budgets {cfg['budgets']} (headline {cfg['headline_budget'] or max(cfg['budgets']):,}).",
              f"Held-out sets: explained variance on up to {cfg['recon_tokens']:,} tokens per corpus, model-pass "
              f"metrics on {cfg['eval_tokens']:,} tokens per set (errors: {cfg['n_bootstrap']} bootstrap replicates "
              f"over documents)."]
@@ -59,6 +63,12 @@ def setup_section(res: dict) -> list[Block]:
         if samp:
             items.append(f"Held-out documents at {hook}: " + ", ".join(
                 f"{c} {s.get('documents', '?')} of {s.get('heldout_documents', '?')}" for c, s in samp.items()) + ".")
+        sets = h.get("sets") or {}
+        if sets:
+            items.append(f"Held-out sets at {hook} (tokens / documents): " + "; ".join(
+                f"{s}: reconstruction {v['reconstruction']['tokens']:,} / {v['reconstruction']['documents']}, "
+                f"model pass {v['model_pass']['tokens']:,} / {v['model_pass']['documents']}"
+                for s, v in sets.items()) + ".")
     return [Heading("Setup"), Bullets(items)]
 
 
@@ -75,8 +85,8 @@ def _gap_items(m: dict) -> list[str]:
     items = []
     for kind, g in (m.get("gaps") or {}).items():
         if g.get("budgets"):
-            items.append(f"Gap closed by {kind} ({g['test']}): " + "; ".join(f"{r['budget']:,}: {r['text']}"
-                                                                           for r in g["budgets"]))
+            items.append(f"Gap closed by {kind} ({g.get('label') or g['test']}): " + "; ".join(
+                f"{r['budget']:,}: {r['text']}" for r in g["budgets"]))
         sb = g.get("smallest_budget")
         if sb:
             items.append(f"{kind}: smallest budget closing 50%: {sb['0.5']['text']}; 90%: {sb['0.9']['text']}.")
@@ -90,8 +100,9 @@ def domain_blocks(d: str, dom: dict, hook: str, tag: str, figs: dict[str, Path])
     for metric, m in dom["metrics"].items():
         out.append(Paragraph(f"{METRICS[metric]} (mean ± std over seeds):", strong=True))
         out += _table(m["table"], "L0" if dom["matched"] else "sparsity")
-        items = [f"{x['a']} − {x['b']}: {x['text']} [{x.get('test')}]" for x in m.get("differences", [])
-                 if "unavailable" not in x]
+        items = [f"{x['a']} − {x['b']}: {x['text']} [{x.get('label') or x.get('test')}]"
+                 for x in m.get("differences", []) if "unavailable" not in x]
+        items += resolvable_items(m)
         items += _gap_items(m)
         r = m.get("residual") or {}
         if "stack" in r:
@@ -246,8 +257,11 @@ def document(res: dict, figs: dict[str, Path]) -> list[Block]:
     for hook, h in res["hooks"].items():
         tag, a = slug(hook), h["analyses"]
         out.append(Heading(f"Hook {hook}"))
+        out += convergence_blocks(a["convergence"], hook, tag, figs) if a.get("convergence") else []
+        kl = res["config"].get("kl_budgets") or res["config"]["budgets"]
         for d, dom in h["findings"].items():
             out += domain_blocks(d, dom, hook, tag, figs)
+            out += adaptation_blocks(d, dom, hook, kl)
         out += matrix_blocks(a["matrix"], doms, hook, tag, figs) if a.get("matrix") else []
         out += overlap_blocks(a["overlap"], tag, figs) if a.get("overlap") else []
         out += probing_blocks(a["probing"]) if a.get("probing") else []
@@ -257,4 +271,5 @@ def document(res: dict, figs: dict[str, Path]) -> list[Block]:
             f = a["features"]
             out.append(Paragraph(f"Feature store of the main SAEs ({f['tokens_per_domain']:,} held-out tokens per "
                                  f"domain): {f['path']}; browse it with `{f['command']}`."))
-    return out + runs_section(res) + run_section(res)
+    lit = literature_section(res) if "finetune" in res["config"]["conditions"] else []
+    return out + lit + runs_section(res) + run_section(res)
