@@ -5,7 +5,6 @@ tiny model here; the offline default in a slow test)."""
 
 import copy
 import json
-import shutil
 
 import pytest
 import torch
@@ -19,6 +18,7 @@ from domain_sae.runs.kl_objective import KLObjective, token_batch_source
 from domain_sae.sae.init import initialize
 from domain_sae.sae.io import load_sae
 from domain_sae.training import checkpoint as ckpt
+from training_helpers import killed_copy
 from domain_sae.training.trainer import Trainer
 
 HOOK = "blocks.1.hook_resid_post"
@@ -116,14 +116,8 @@ def test_killed_kl_finetune_resumes_to_the_same_sae(tmp_path, tiny_lm):
     assert meta["objective"] == "kl" and meta["lineage"]["tokens_after"] == 512 + 384
 
     # Killed after its mid-run checkpoint (step 3): the final outputs and the final checkpoint are gone.
-    killed = tmp_path / "killed"
-    shutil.copytree(full, killed)
-    for step, _, path in ckpt.list_checkpoints(killed):
-        if step > 3:
-            shutil.rmtree(path)
+    killed = killed_copy(full, tmp_path / "killed", after_step=3)
     assert ckpt.load_checkpoint(ckpt.latest_checkpoint(killed)).state["source"]["sequences_served"] == 3 * 2
-    shutil.rmtree(killed / "sae")
-    pipeline.write_status(killed, "running")
     resumed = pipeline.resume(killed, lm=tiny_lm)
     got = records(killed)
     assert [r["step"] for r in got] == [r["step"] for r in expected]

@@ -2,7 +2,6 @@
 outputs, run-directory safety, bad input leaving nothing behind, resume, fine-tuning (ours and SAELens dirs)."""
 
 import json
-import shutil
 
 import pytest
 import torch
@@ -13,6 +12,8 @@ from domain_sae.cli import main
 from domain_sae.config import ConfigError, TrainConfig, build_config
 from domain_sae.errors import RunDirError, UserError
 from domain_sae.sae.io import load_sae
+from domain_sae.training import checkpoint as ckpt
+from training_helpers import killed_copy
 
 HOOK = "blocks.1.hook_resid_post"
 
@@ -87,15 +88,10 @@ def test_resume_continues_exactly(tmp_path, tiny_lm):
     full = pipeline.train(cfg, lm=tiny_lm, quiet=True).run_dir
     expected = records(full)
     # Simulate a run killed after its mid-run checkpoint: drop the final outputs and the final checkpoint.
-    killed = tmp_path / "killed"
-    shutil.copytree(full, killed)
+    first = min(step for step, _, _ in ckpt.list_checkpoints(full))
+    killed = killed_copy(full, tmp_path / "killed", after_step=first)
     (killed / "training_config.json").write_text(
         json.dumps({**json.loads((killed / "training_config.json").read_text()), "run_name": "killed"}))
-    ckpts = sorted((killed / "checkpoints").iterdir())
-    for c in ckpts[1:]:
-        shutil.rmtree(c)
-    shutil.rmtree(killed / "sae")
-    pipeline.write_status(killed, "running")
     res = pipeline.resume(killed, lm=tiny_lm)
     got = records(killed)
     assert [r["step"] for r in got] == [r["step"] for r in expected]

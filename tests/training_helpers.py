@@ -193,3 +193,18 @@ if __name__ == "__main__":  # python tests/training_helpers.py RUN_DIR [--resume
     ap.add_argument("--delay", type=float, default=0.0)
     a = ap.parse_args()
     run_tiny(a.run_dir, resume=a.resume, delay_s=a.delay)
+
+
+def killed_copy(full, killed, after_step: int):
+    """A copy of the finished run ``full`` as a kill right after its checkpoint at ``after_step`` leaves it: later
+    checkpoints, the final ``sae/`` and the finished status gone (status "running"). Returns ``killed``."""
+    import shutil
+    from domain_sae.runs.directory import write_status
+    from domain_sae.training import checkpoint as ckpt
+    shutil.copytree(full, killed)
+    for step, _, path in ckpt.list_checkpoints(killed):
+        if step > after_step:
+            shutil.rmtree(path)
+    shutil.rmtree(killed / "sae")
+    write_status(killed, "running")
+    return killed
