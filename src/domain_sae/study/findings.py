@@ -34,8 +34,8 @@ from .runs import KINDS, Run
 
 METRICS = {"ce": "CE-loss score", "ev": "explained variance"}
 FACTOR, MIN_SPREAD = 2.0, 0.002
-TESTS = {"paired": "a paired bootstrap over the held-out documents (resampled once for every SAE compared) and "
-                   "over seeds, 95% interval excluding 0",
+TESTS = {"paired": "a paired bootstrap over the held-out documents (resampled once for every SAE compared, and "
+                   "over seeds where a condition has several), 95% interval excluding 0",
          "welch": "a Welch test over seeds with the per-document errors, beyond the seed spread",
          "yardstick": f"a yardstick (one seed per condition): beyond {FACTOR:g}× the seed-to-seed spread of the "
                       f"general SAE"}
