@@ -229,7 +229,8 @@ def runs_section(res: dict) -> list[Block]:
             run = res["runs"][rid]
             own = run["domain"] or GENERAL
             r, lm = m["recon"].get(own, {}), (m["lm"].get(own) or {}).get("metrics", {})
-            rows.append([run["condition"], run["seed"], f"{run['sparsity']:g}", f"{run['tokens']:,}", own,
+            tokens = (h.get("training", {}).get(rid) or {}).get("tokens") or run["tokens"]  # trained, else planned
+            rows.append([run["condition"], run["seed"], f"{run['sparsity']:g}", f"{tokens:,}", own,
                          fmt(r.get("ev")), fmt(r.get("l0"), "{:.1f}"), fmt(lm.get("metrics/ce_loss_score"))])
         out += [Paragraph(f"At {hook} (explained variance and L0 on the reconstruction set, CE-loss score on the "
                           f"model-pass set):", strong=True),
